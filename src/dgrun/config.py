@@ -1,0 +1,249 @@
+"""Typed schemas for the composed Hydra config, and the validation that runs before any data
+is touched.
+
+The root, `trainer` and `corruption` are dataclasses registered in Hydra's ConfigStore, so a
+typo'd key or a wrongly typed value is caught at composition. The component groups (dataset,
+model, optimizer, scheduler) vary per choice: their schema is the registered builder's own
+signature, checked here (unknown option, wrong type) together with value ranges.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from dgrun.errors import UserError
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: Optional[int] = 128      # null -> full batch
+    max_steps: Optional[int] = None
+    max_epochs: Optional[int] = 500
+    max_time_s: Optional[float] = None   # wall-clock budget for training
+    unit: str = "epoch"                  # what eval_every / checkpoint_every count: epoch | step
+    eval_every: int = 1
+    eval_schedule: str = "linear"        # linear | log (log-spaced steps, for long runs)
+    eval_per_decade: int = 20            # evaluations per factor of 10 steps with the log schedule
+    eval_batch_size: int = 4096
+    stop_at_interpolation: bool = True
+    interpolation_threshold: float = 1.0  # full-train accuracy that counts as fitting
+    interpolation_loss: Optional[float] = None  # or: full-train loss at or below this
+    loss: str = "cross_entropy"          # cross_entropy | mse
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None    # max global gradient norm
+    checkpoint_every: int = 0            # 0: only at the threshold, on signals and at the end
+    snapshots: str = "none"              # none | log | every: extra checkpoints kept for analysis
+    resume: bool = True
+    progress: str = "auto"               # auto | rich | plain | none
+    log_every_s: float = 10.0            # cadence of plain log lines (non-TTY)
+
+
+@dataclass
+class CorruptionConfig:
+    name: str = "none"
+    prob: float = 0.0
+    apply_to_test: bool = True
+
+
+@dataclass
+class RootSchema:
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None        # torch CPU threads; null keeps torch's default
+    deterministic: bool = False
+    dataset: Any = field(default_factory=dict)
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    model: Any = field(default_factory=dict)
+    optimizer: Any = field(default_factory=dict)
+    scheduler: Any = field(default_factory=dict)
+    phenomenon: Any = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="dgrun_schema", node=RootSchema)
+
+
+# Keys of the dataset section that the data pipeline consumes; the rest go to the loader.
+PIPELINE_KEYS = ("name", "preprocess", "center_crop", "augment")
+
+
+# Builder arguments that come from the data or the run, never from a config file.
+RESERVED = {"input_shape", "num_classes", "vocab_size", "steps_per_epoch", "total_steps"}
+
+
+@dataclass
+class Component:
+    """A registry choice and the options for its builder."""
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass
+class RunConfig:
+    seed: int
+    device: str
+    threads: Optional[int]
+    deterministic: bool
+    dataset: Component
+    pipeline: dict[str, Any]
+    corruption: CorruptionConfig
+    model: Component
+    optimizer: Component
+    scheduler: Component
+    phenomenon: dict[str, Any]
+    trainer: TrainerConfig
+
+
+# Value ranges, checked before anything is built. (low, high, low_inclusive, high_inclusive)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "corruption.prob": (0.0, 1.0, True, True),
+    "optimizer.lr": (0.0, math.inf, False, False),
+    "optimizer.weight_decay": (0.0, math.inf, True, False),
+    "optimizer.momentum": (0.0, 1.0, True, False),
+    "scheduler.gamma": (0.0, 1.0, False, True),
+    "scheduler.warmup_steps": (0, math.inf, True, False),
+    "scheduler.min_lr_factor": (0.0, 1.0, True, True),
+    "model.dropout": (0.0, 1.0, True, False),
+    "model.width": (1, math.inf, True, False),
+    "trainer.batch_size": (1, math.inf, True, False),
+    "trainer.max_steps": (1, math.inf, True, False),
+    "trainer.max_epochs": (1, math.inf, True, False),
+    "trainer.max_time_s": (0.0, math.inf, False, False),
+    "trainer.eval_every": (1, math.inf, True, False),
+    "trainer.eval_per_decade": (1, math.inf, True, False),
+    "trainer.eval_batch_size": (1, math.inf, True, False),
+    "trainer.interpolation_threshold": (0.0, 1.0, False, True),
+    "trainer.interpolation_loss": (0.0, math.inf, True, False),
+    "trainer.label_smoothing": (0.0, 1.0, True, False),
+    "trainer.grad_clip": (0.0, math.inf, False, False),
+    "trainer.checkpoint_every": (0, math.inf, True, False),
+    "trainer.log_every_s": (0.0, math.inf, False, False),
+    "threads": (1, math.inf, True, False),
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.unit": ("epoch", "step"),
+    "trainer.eval_schedule": ("linear", "log"),
+    "trainer.loss": ("cross_entropy", "mse"),
+    "trainer.snapshots": ("none", "log", "every"),
+    "trainer.progress": ("auto", "rich", "plain", "none"),
+}
+
+
+def _check_range(key: str, value: Any) -> None:
+    if key not in RANGES or value is None:
+        return
+    lo, hi, lo_in, hi_in = RANGES[key]
+    ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+    if not ok:
+        left, right = "[" if lo_in else "(", "]" if hi_in else ")"
+        raise UserError(f"{key}={value} is out of range {left}{lo}, {hi}{right}",
+                        f"set {key} to a value in that range")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Give a builder option the type its default has: sweeps hand over `0` for `0.0`."""
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} is not true/false", f"set {key}=true or {key}=false")
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise UserError(f"{key}={value!r} is not a number", f"set {key} to a number")
+    if isinstance(default, int) and isinstance(value, float):
+        raise UserError(f"{key}={value} must be a whole number", f"set {key} to an integer")
+    return value
+
+
+def _component(section: str, node: Any, registry, skip: tuple[str, ...] = ("name",)) -> Component:
+    if not isinstance(node, dict) or "name" not in node:
+        raise UserError(f"the {section} config has no 'name'", f"pick one with {section}=NAME")
+    name = node["name"]
+    builder = registry.get(name)
+    params = inspect.signature(builder).parameters
+    allowed = set(registry.options(name)) - RESERVED
+    options = {}
+    for key, value in node.items():
+        if key in skip:
+            continue
+        if key not in allowed:
+            raise UserError(f"{section} '{name}' has no option '{key}'",
+                            f"its options are: {', '.join(registry.options(name)) or 'none'}")
+        full = f"{section}.{key}"
+        value = _coerce(full, value, params[key].default)
+        _check_range(full, value)
+        options[key] = value
+    return Component(name, options)
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as plain, resolved data, without Hydra's own `hydra` node."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True, throw_on_missing=True)
+            if OmegaConf.is_config(cfg[k]) else cfg[k] for k in cfg if k != "hydra"}
+
+
+def from_hydra(cfg: DictConfig) -> RunConfig:
+    """Turn the composed config into a validated RunConfig, or raise UserError."""
+    # Importing the component packages fills the registries.
+    from dgrun.data.corruption import CORRUPTIONS, PIXEL_CORRUPTIONS
+    from dgrun.data import DATASETS
+    from dgrun.data.pipeline import validate_pipeline
+    from dgrun.models import MODELS
+    from dgrun.optim import OPTIMIZERS, SCHEDULERS
+
+    raw = plain(cfg)
+    trainer = TrainerConfig(**raw["trainer"])
+    for key, value in vars(trainer).items():
+        _check_range(f"trainer.{key}", value)
+    for key, allowed in CHOICES.items():
+        value = getattr(trainer, key.split(".", 1)[1])
+        if value not in allowed:
+            raise UserError(f"{key}={value!r} is not a valid choice",
+                            f"choose one of: {', '.join(allowed)}")
+    if trainer.max_steps is None and trainer.max_epochs is None and trainer.max_time_s is None:
+        raise UserError("training has no budget: trainer.max_steps, max_epochs and max_time_s "
+                        "are all null", "set at least one of them")
+    _check_range("threads", raw.get("threads"))
+    device = str(raw["device"])
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise UserError(f"device={device!r} is not a device", "use auto, cpu, cuda or cuda:N")
+
+    corruption = CorruptionConfig(**raw["corruption"])
+    CORRUPTIONS.get(corruption.name)
+    _check_range("corruption.prob", corruption.prob)
+
+    dataset_node = dict(raw["dataset"])
+    pipeline = {k: dataset_node.get(k) for k in PIPELINE_KEYS if k != "name"}
+    dataset = _component("dataset", dataset_node, DATASETS, skip=PIPELINE_KEYS)
+    validate_pipeline(**pipeline)
+    model = _component("model", raw["model"], MODELS)
+    optimizer = _component("optimizer", raw["optimizer"], OPTIMIZERS)
+    scheduler = _component("scheduler", raw["scheduler"], SCHEDULERS)
+
+    # A model that cannot take this data fails here, before anything is loaded.
+    modality = DATASETS.tags(dataset.name).get("modality")
+    accepted = MODELS.tags(model.name).get("modalities", ())
+    if modality not in accepted:
+        takers = [n for n in MODELS.names() if modality in MODELS.tags(n).get("modalities", ())]
+        raise UserError(f"model '{model.name}' cannot take {modality} data from dataset "
+                        f"'{dataset.name}'", f"pick one of: {', '.join(takers)}")
+    if modality == "tokens" and corruption.name in PIXEL_CORRUPTIONS:
+        raise UserError(f"corruption '{corruption.name}' needs image or vector data",
+                        "use a label corruption for token datasets")
+    return RunConfig(
+        seed=int(raw["seed"]), device=device, threads=raw.get("threads"),
+        deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
+        corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
+        phenomenon=dict(raw.get("phenomenon") or {}), trainer=trainer,
+    )

@@ -1,0 +1,70 @@
+"""The data contract every dataset fits: tensors plus the metadata models are sized from.
+
+image    x: (N, C, H, W), uint8 in 0..255 or float32 in 0..1 (the pipeline makes it float once)
+vector   x: (N, D) float32
+tokens   x: (N, T) int64 token ids below `meta.vocab_size`
+y is int64 (N,) class ids. `corrupted` marks rows a corruption changed (all False until then).
+`group` (optional) holds a per-row group id, e.g. (label, spurious attribute) for worst-group
+accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MODALITIES = ("image", "vector", "tokens")
+
+
+@dataclass
+class Split:
+    x: Tensor
+    y: Tensor
+    corrupted: Optional[Tensor] = None
+    group: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+        if self.corrupted is None:
+            self.corrupted = torch.zeros(len(self.y), dtype=torch.bool, device=self.y.device)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> "Split":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Split(move(self.x), move(self.y), move(self.corrupted), move(self.group))
+
+    def replace(self, **changes) -> "Split":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str
+    modality: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    vocab_size: Optional[int] = None
+    class_names: Optional[tuple[str, ...]] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
+
+
+@dataclass
+class Bundle:
+    train: Split
+    test: Split
+    meta: Meta
+
+    def to(self, device: torch.device | str) -> "Bundle":
+        return Bundle(self.train.to(device), self.test.to(device), self.meta)
+
+    def replace(self, **changes) -> "Bundle":
+        return replace(self, **changes)
