@@ -80,7 +80,7 @@ def explain(error: BaseException, base_cfg=None) -> tuple[str, str]:
     if m:
         full = re.search(r"full_key: (\S+)", both)
         key = full.group(1) if full else "a value"
-        return f"{key}={m.group(1)} is not of type {m.group(2)}", f"give {key} a {m.group(2).lower()}"
+        return f"{key}={m.group(1)} is not of type {m.group(2)}", f"give {key} a value of type {m.group(2).lower()}"
     if "Ambiguous value for argument" in text:
         return text.splitlines()[0], "add -m (--multirun) to sweep over several values"
     first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
@@ -172,7 +172,7 @@ def _hydra_main(conf: Path) -> Callable[[], None]:
     return hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(train_task)
 
 
-SUBCOMMANDS: dict[str, str] = {}  # name -> "module:function", dispatched before Hydra
+SUBCOMMANDS: dict[str, str] = {"report": "dgrun.report:main"}  # name -> "module:function", dispatched before Hydra
 
 
 def main(argv: Optional[list[str]] = None) -> None:

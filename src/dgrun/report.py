@@ -1,0 +1,373 @@
+"""`dgrun report PATH...`: run directories -> one tidy table -> sweep figures.
+
+Everything is read from the run directories (`.hydra/`, `summary.json`, `metrics.csv`), so a
+report can be made of a sweep that is still going, of one with failed runs, or of several
+sweeps at once. No run is dropped: a run without a summary is listed with status `unknown`,
+one still training (or killed while training) with `running`, and its numbers so far are
+taken from its metrics.csv.
+
+    dgrun report multirun/2026-11-24/10-00-00
+    dgrun report multirun/ --x prob --y final_test_acc --hue model --html
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import yaml
+
+from dgrun.errors import UserError
+
+EXIT_USAGE = 2
+MARKERS = (".hydra/config.yaml", "summary.json", "metrics.csv")
+STANDARD = ("dataset", "model", "corruption", "prob", "seed")
+# Override keys that name the same thing as a standard column (`corruption.prob=0,0.5` is `prob`).
+ALIASES = {"corruption.prob": "prob", "corruption.name": "corruption", "model.name": "model",
+           "dataset.name": "dataset"}
+FINISHED = ("completed", "stopped")  # runs whose final numbers are final
+RUN_FIELDS = ("status", "stop_reason", "steps", "epochs", "time_s", "params")
+INTERPOLATION = ("reached", "step", "epoch", "time_s")
+HANDLED = {*RUN_FIELDS, "final", "interpolation", "transitions", "error", "seed", "dataset",
+           "model", "corruption", "versions", "resumed_at_steps"}
+
+
+# ---------------------------------------------------------------- finding run directories
+def natural_key(text: str) -> list:
+    """'10' sorts after '9': job numbers in sweep order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in MARKERS)
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    found: dict[Path, None] = {}
+    for root in paths:
+        if not root.exists():
+            raise UserError(f"{root} does not exist",
+                            "pass a run directory, a sweep directory or a folder of sweeps")
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory", "pass the run or sweep directory")
+        for dirpath, dirnames, _ in os.walk(root):
+            here = Path(dirpath)
+            if is_run_dir(here):
+                found[here.resolve()] = None
+                dirnames.clear()  # a run's checkpoints/ and plots/ hold no runs
+            else:
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    if not found:
+        raise UserError(f"no run directories under {', '.join(map(str, paths))}",
+                        "a run directory holds .hydra/config.yaml, summary.json or metrics.csv")
+    return sorted(found, key=lambda p: natural_key(str(p)))
+
+
+# ---------------------------------------------------------------- reading one run
+def typed(text: str) -> Any:
+    """An override's value as the number, bool or string it spells."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    value = yaml.safe_load(text) if text else None
+    return value if isinstance(value, (bool, type(None))) else text
+
+
+def lookup(config: dict, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node.get("name") if isinstance(node, dict) else node  # a group: its choice's name
+
+
+def parse_overrides(lines: list, config: dict) -> dict[str, Any]:
+    """`.hydra/overrides.yaml` -> {key: value}, typed as the resolved config types it."""
+    swept = {}
+    for line in lines or []:
+        key, sep, text = str(line).partition("=")
+        if not sep or key.startswith("~"):
+            continue
+        key = key.lstrip("+")
+        if key.startswith(("hydra.", "hydra/")) or key == "hydra":
+            continue
+        value = lookup(config, key)
+        swept[key] = value if isinstance(value, (int, float, str, bool)) else typed(text)
+    return swept
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def read_metrics(path: Path) -> Optional[pd.DataFrame]:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return None
+    return frame if len(frame) and "step" in frame else None
+
+
+def interpolation_from_metrics(curve: pd.DataFrame, trainer: dict) -> dict:
+    """For a run whose summary is not written yet: the first evaluation that fit the data."""
+    if trainer.get("interpolation_loss") is not None and "train_loss" in curve:
+        fits = curve["train_loss"] <= trainer["interpolation_loss"]
+    elif "train_acc" in curve:
+        fits = curve["train_acc"] >= trainer.get("interpolation_threshold", 1.0)
+    else:
+        return {"reached": False}
+    if not fits.any():
+        return {"reached": False}
+    first = curve[fits].iloc[0]
+    return {"reached": True, **{k: first.get(k) for k in ("step", "epoch", "time_s")}}
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
+    """One run -> (swept values, the table row, its metrics curve or None)."""
+    config = read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    swept = parse_overrides(read_yaml(run_dir / ".hydra" / "overrides.yaml") or [], config)
+    curve = read_metrics(run_dir / "metrics.csv")
+    summary, problem = {}, None
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as e:
+            problem = f"summary.json unreadable: {e}"
+    corruption = summary.get("corruption") or {}
+    row: dict[str, Any] = {
+        "dataset": lookup(config, "dataset") or summary.get("dataset"),
+        "model": lookup(config, "model") or summary.get("model"),
+        "corruption": lookup(config, "corruption") or corruption.get("name"),
+        "prob": _first(lookup(config, "corruption.prob"), corruption.get("prob")),
+        "seed": _first(config.get("seed"), summary.get("seed")),
+        "status": summary.get("status") or ("unknown" if not summary else "running"),
+    }
+    row.update({k: summary.get(k) for k in RUN_FIELDS[1:]})
+    final = dict(summary.get("final") or {})
+    interpolation = dict(summary.get("interpolation") or {})
+    if not final and curve is not None:  # unfinished: its numbers so far
+        last = curve.iloc[-1]
+        row.update(steps=last["step"], epochs=last.get("epoch"), time_s=last.get("time_s"))
+        final = {k: last[k] for k in curve.columns if k not in ("step", "epoch", "time_s", "lr")}
+        interpolation = interpolation_from_metrics(curve, config.get("trainer") or {})
+    row.update({f"final_{k}": _number(v) for k, v in final.items()})
+    row.update({f"interpolation_{k}": interpolation.get(k) for k in INTERPOLATION})
+    row["interpolation_reached"] = bool(interpolation.get("reached"))
+    for key, value in (summary.get("transitions") or {}).items():
+        if _is_scalar(value):
+            row[key if key not in row and key not in swept else f"transitions_{key}"] = value
+    for key, value in summary.items():  # whatever else a newer dgrun writes
+        if key in HANDLED:
+            continue
+        if _is_scalar(value):
+            row.setdefault(key, value)
+        elif isinstance(value, dict):
+            row.update({f"{key}_{k}": v for k, v in value.items() if _is_scalar(v)})
+    row["error"] = summary.get("error") or problem
+    return swept, row, curve
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+# ---------------------------------------------------------------- the table
+def build_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
+    """-> (one row per run, {run_dir: metrics curve}, the override keys in first-seen order)."""
+    base = Path(os.path.commonpath(run_dirs)) if len(run_dirs) > 1 else run_dirs[0].parent
+    rows, curves, keys = [], {}, {}
+    for run_dir in run_dirs:
+        swept, row, curve = load_run(run_dir)
+        keys.update(dict.fromkeys(swept))
+        rows.append({"run": os.path.relpath(run_dir, base), "run_dir": str(run_dir),
+                     **swept, **row})
+        if curve is not None:
+            curves[str(run_dir)] = curve
+    table = pd.DataFrame(rows)
+    order = ["run", "run_dir", *keys, *STANDARD, *RUN_FIELDS]
+    finals = [c for c in table if c.startswith("final_")]
+    interp = [f"interpolation_{k}" for k in INTERPOLATION]
+    rest = [c for c in table if c not in {*order, *finals, *interp, "error"}]
+    columns = list(dict.fromkeys(order + finals + interp + rest + ["error"]))
+    return table[columns], curves, list(keys)
+
+
+def swept_columns(table: pd.DataFrame, override_keys: list[str]) -> list[str]:
+    """The parameters that vary across runs (the seed is the axis averaged over, not one)."""
+    candidates = dict.fromkeys([ALIASES.get(k, k) for k in override_keys] + list(STANDARD))
+    return [c for c in candidates if c != "seed" and c in table
+            and table[c].astype(str).nunique() > 1]
+
+
+def not_completed(table: pd.DataFrame) -> pd.DataFrame:
+    return table[~table["status"].isin(FINISHED)]
+
+
+def why(row: pd.Series) -> str:
+    if isinstance(row.get("error"), str) and row["error"]:
+        return row["error"]
+    if row["status"] == "unknown":
+        return "no summary.json (crashed at start, or not started yet)"
+    if row["status"] == "running":
+        return f"unfinished, {int(row['steps'] or 0)} steps so far"
+    return str(row.get("stop_reason") or "")
+
+
+def write_table(table: pd.DataFrame, out: Path) -> list[str]:
+    table.to_csv(out / "runs.csv", index=False)
+    notes = []
+    try:
+        table.to_parquet(out / "runs.parquet", index=False)
+    except ImportError:
+        pass  # pyarrow / fastparquet not installed: runs.csv has everything
+    except Exception as e:  # a column mixing types parquet cannot store
+        (out / "runs.parquet").unlink(missing_ok=True)
+        notes.append(f"runs.parquet skipped ({type(e).__name__}: {e})")
+    return notes
+
+
+# ---------------------------------------------------------------- printing
+def print_summary(table: pd.DataFrame, swept: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    shown = swept + (["seed"] if table["seed"].astype(str).nunique() > 1 else [])
+    grid = Table(title=f"{len(table)} runs", title_justify="left")
+    styles = {"completed": "green", "stopped": "green", "running": "yellow",
+              "unknown": "yellow", "preempted": "yellow"}
+    columns = [("run", "run"), *[(c, c) for c in shown], ("status", "status"),
+               ("final_train_acc", "train acc"), ("final_test_acc", "test acc"),
+               ("interpolation_step", "steps to threshold")]
+    for key, title in columns:
+        grid.add_column(title, justify="left" if key in ("run", "status") else "right")
+    for _, row in table.iterrows():
+        cells = [_cell(row.get(key)) for key, _ in columns]
+        status = row["status"]
+        cells[len(shown) + 1] = f"[{styles.get(status, 'red')}]{status}[/]"
+        grid.add_row(*cells)
+    console.print(grid)
+    bad = not_completed(table)
+    if len(bad):
+        console.print(f"[bold]{len(bad)} of {len(table)} runs did not complete:[/]")
+        for _, row in bad.iterrows():
+            console.print(f"  {row['run']}: {row['status']} ({why(row)})", markup=False)
+    else:
+        console.print(f"all {len(table)} runs completed")
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- the command
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other dgrun error
+        print(f"dgrun: error: {message}; see `dgrun report --help`", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="dgrun report", description="Tables and figures from run directories.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                   help="run directories, sweep directories, or folders holding several sweeps")
+    p.add_argument("--out", type=Path, help="where to write (default: <first PATH>/report)")
+    p.add_argument("--x", metavar="KEY", help="x axis: a table column (default for the "
+                   "corruption figures: prob)")
+    p.add_argument("--y", metavar="KEY", help="with --x: also draw <y>_vs_<x>.png")
+    p.add_argument("--hue", metavar="KEY", help="one line per value of this column")
+    p.add_argument("--html", action="store_true",
+                   help="also write report.html, interactive and self-contained (needs plotly)")
+    p.add_argument("--no-figures", action="store_true", help="only the table")
+    return p.parse_args(argv)
+
+
+def check_keys(table: pd.DataFrame, args: argparse.Namespace) -> None:
+    if (args.y or args.hue) and not args.x:
+        raise UserError("--y and --hue need --x", "e.g. --x prob --y final_test_acc")
+    for option in ("x", "y", "hue"):
+        key = getattr(args, option)
+        if key is not None and key not in table:
+            close = difflib.get_close_matches(key, list(table), n=1)
+            raise UserError(f"--{option} {key} is not a column of the runs table",
+                            (f"did you mean {close[0]}? " if close else "")
+                            + "runs.csv lists them: " + ", ".join(table.columns))
+    if args.y and not pd.api.types.is_numeric_dtype(table[args.y]):
+        raise UserError(f"--y {args.y} is not numeric", "pick a number column, e.g. final_test_acc")
+
+
+def report(paths: list[Path], out: Optional[Path] = None, x: Optional[str] = None,
+           y: Optional[str] = None, hue: Optional[str] = None, html: bool = False,
+           figures: bool = True) -> pd.DataFrame:
+    """The report, from Python: writes into `out` and returns the runs table."""
+    args = argparse.Namespace(paths=paths, out=out, x=x, y=y, hue=hue, html=html,
+                              no_figures=not figures)
+    return _report(args)
+
+
+def _report(args: argparse.Namespace) -> pd.DataFrame:
+    if args.html:
+        try:
+            import plotly  # noqa: F401
+        except ImportError:
+            raise UserError("--html needs plotly, which is not installed",
+                            "pip install 'dgrun[report]'") from None
+    table, curves, keys = build_table(find_run_dirs(args.paths))
+    check_keys(table, args)
+    out = args.out or args.paths[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    notes = write_table(table, out)
+    swept = swept_columns(table, keys)
+    print_summary(table, swept)
+    written = [out / "runs.csv"] + ([out / "runs.parquet"] if (out / "runs.parquet").exists() else [])
+    if not args.no_figures:
+        from dgrun import report_figures
+
+        figs, skipped = report_figures.build(table, curves, swept, x=args.x, y=args.y,
+                                             hue=args.hue)
+        notes += skipped
+        written += [report_figures.save_png(fig, out) for fig in figs]
+        if args.html:
+            written.append(report_figures.save_html(figs, table, swept, out))
+    for note in notes:
+        print(f"note: {note}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return table
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        _report(args)
+    except UserError as e:
+        print(f"dgrun: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

@@ -1,0 +1,317 @@
+"""Sweep figures for `dgrun report`: what to draw is computed once (Figure > Panel > Line, mean
+and min/max over seeds), then drawn twice: PNGs with matplotlib, an HTML page with Plotly.
+
+    learning_curves.png            train loss and accuracy vs step      (Zhang et al. 2017, Fig. 1a)
+    threshold_vs_corruption.png    time and steps to fit vs corruption  (Fig. 1b)
+    test_error_vs_corruption.png   test error vs corruption             (Fig. 1c)
+    <y>_vs_<x>.png                 any two table columns (--x --y --hue)
+
+One line per value of the swept parameters (the seed excluded); runs that differ only in seed
+are averaged: the line is the mean, the band or error bar spans min to max.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # runs on clusters and CI: never ask for a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+FINISHED = ("completed", "stopped")
+LABELS = {"prob": "corruption probability", "time_s": "seconds", "step": "step",
+          "interpolation_time_s": "seconds to the threshold",
+          "interpolation_step": "steps to the threshold", "test_error": "test error"}
+
+
+@dataclass
+class Line:
+    label: str
+    x: list
+    mean: list
+    lo: list
+    hi: list
+    count: list  # runs (seeds) behind each point
+    color: str = "C0"
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: list[Line]
+    band: bool = False  # spread as a shaded band (curves) or as error bars (sweep points)
+    log_y: bool = False
+    legend_title: str = ""
+    xlim: Optional[tuple] = None  # the whole sweep's range, even where only some points remain
+
+
+@dataclass
+class Figure:
+    name: str
+    title: str
+    panels: list[Panel]
+    note: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- what to draw
+def label_of(keys: list[str], values) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in zip(keys, values)) or "all runs"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def colors(keys: list[str], groups: list, table: pd.DataFrame) -> list[str]:
+    """A numeric parameter gets an ordered colour map (low -> high), anything else tab10."""
+    if len(keys) == 1 and pd.api.types.is_numeric_dtype(table[keys[0]]) and len(groups) > 1:
+        values = [g[0] if isinstance(g, tuple) else g for g in groups]
+        low, high = min(values), max(values)
+        cmap = plt.get_cmap("viridis")
+        return [matplotlib.colors.to_hex(cmap(0.9 * (v - low) / ((high - low) or 1))) for v in values]
+    return [matplotlib.colors.to_hex(plt.get_cmap("tab10")(i % 10)) for i in range(len(groups))]
+
+
+def grouped(table: pd.DataFrame, keys: list[str]):
+    """[(values, rows)] per combination of `keys`, in sorted order."""
+    if not keys:
+        return [((), table)]
+    return [(k if isinstance(k, tuple) else (k,), part)
+            for k, part in table.groupby(keys, dropna=False, sort=True)]
+
+
+def versus(table: pd.DataFrame, x: str, y: str, keys: list[str], title: str, ylabel: str) -> Panel:
+    """Mean and min/max of y at each x, one line per combination of `keys`."""
+    data = table.dropna(subset=[x, y])
+    groups = grouped(data, keys)
+    lines = []
+    for (values, part), color in zip(groups, colors(keys, [g for g, _ in groups], data)):
+        stats = part.groupby(x, sort=True)[y].agg(["mean", "min", "max", "count"])
+        lines.append(Line(label_of(keys, values), list(stats.index), list(stats["mean"]),
+                          list(stats["min"]), list(stats["max"]), list(stats["count"]), color))
+    return Panel(title, LABELS.get(x, x), ylabel, lines, legend_title=", ".join(keys))
+
+
+def learning_curves(table: pd.DataFrame, curves: dict, keys: list[str]) -> Optional[Figure]:
+    runs = table[table["run_dir"].isin(list(curves))]
+    if runs.empty:
+        return None
+    groups = grouped(runs, keys)
+    palette = colors(keys, [g for g, _ in groups], runs)
+    panels = [Panel("training loss", "step", "train loss", [], band=True, log_y=True,
+                    legend_title=", ".join(keys)),
+              Panel("training accuracy", "step", "train accuracy", [], band=True,
+                    legend_title=", ".join(keys))]
+    for (values, part), color in zip(groups, palette):
+        seeds = len(part)
+        label = label_of(keys, values) + (f" ({seeds} runs)" if seeds > 1 else "")
+        for panel, metric in zip(panels, ("train_loss", "train_acc")):
+            series = [curves[r].set_index("step")[metric].rename(r)
+                      for r in part["run_dir"] if metric in curves[r]]
+            if not series:
+                continue
+            wide = pd.concat(series, axis=1).sort_index()  # step x run; runs may stop early
+            panel.lines.append(Line(label, list(wide.index), list(wide.mean(axis=1)),
+                                    list(wide.min(axis=1)), list(wide.max(axis=1)),
+                                    list(wide.count(axis=1)), color))
+    loss = [v for line in panels[0].lines for v in line.lo if pd.notna(v)]
+    panels[0].log_y = bool(loss) and min(loss) > 0
+    return Figure("learning_curves", "Learning curves (Zhang et al. 2017, Fig. 1a)",
+                  [p for p in panels if p.lines], note=_spread_note(runs, keys))
+
+
+def _spread_note(runs: pd.DataFrame, keys: list[str]) -> str:
+    if len(grouped(runs, keys)) < len(runs):
+        return "line: mean over seeds; shaded/bars: min to max"
+    return ""
+
+
+def line_keys(swept: list[str], x: str, hue: Optional[str]) -> list[str]:
+    """--hue first, then every other swept parameter, so nothing but seeds is averaged over."""
+    return list(dict.fromkeys(([hue] if hue else []) + [k for k in swept if k != x]))
+
+
+def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] = None,
+          y: Optional[str] = None, hue: Optional[str] = None) -> tuple[list[Figure], list[str]]:
+    """-> (figures to draw, notes on those skipped)."""
+    figures, skipped = [], []
+    fig = learning_curves(table, curves, line_keys(swept, None, hue))
+    if fig:
+        figures.append(fig)
+    else:
+        skipped.append("learning_curves.png skipped: no run has metrics.csv rows")
+    finished = table[table["status"].isin(FINISHED)]
+    axis = x or "prob"
+    keys = [k for k in line_keys(swept, axis, hue) if k != axis]
+    excluded = len(table) - len(finished)
+    tail = f"; {excluded} unfinished/failed run(s) left out" if excluded else ""
+    if axis not in table or finished[axis].astype(str).nunique() < 2:
+        what = "the corruption probability" if axis == "prob" else axis
+        skipped.append(f"threshold_vs_corruption.png, test_error_vs_corruption.png skipped: "
+                       f"{what} does not vary across finished runs (pick an axis with --x KEY)")
+    else:
+        reached = finished[finished["interpolation_reached"] == True]  # noqa: E712
+        if reached.empty:
+            skipped.append("threshold_vs_corruption.png skipped: no run reached the threshold")
+        else:
+            missed = len(finished) - len(reached)
+            figures.append(Figure(
+                "threshold_vs_corruption", "Time to fit the training set (Zhang et al. 2017, "
+                "Fig. 1b)",
+                [versus(reached, axis, "interpolation_time_s", keys, "time to threshold",
+                        "seconds"),
+                 versus(reached, axis, "interpolation_step", keys, "steps to threshold",
+                        "steps")],
+                note=_join(_spread_note(reached, [axis, *keys]),
+                           f"{missed} run(s) that never reached it left out" if missed else "",
+                           tail[2:])))
+        errors = finished.dropna(subset=["final_test_acc"]) if "final_test_acc" in finished \
+            else finished.iloc[0:0]
+        if errors.empty:
+            skipped.append("test_error_vs_corruption.png skipped: no finished run has a test "
+                           "accuracy")
+        else:
+            errors = errors.assign(test_error=1 - errors["final_test_acc"])
+            figures.append(Figure(
+                "test_error_vs_corruption", "Test error (Zhang et al. 2017, Fig. 1c)",
+                [versus(errors, axis, "test_error", keys, "test error",
+                        "test error (1 - accuracy)")],
+                note=_join(_spread_note(errors, [axis, *keys]), tail[2:])))
+    if y:
+        axis = x
+        rows = finished[[y, x, *keys]].dropna(subset=[y])
+        figures.append(Figure(f"{y}_vs_{x}".replace("/", "_"), f"{y} vs {x}",
+                              [versus(finished, x, y, keys, f"{y} vs {x}", LABELS.get(y, y))],
+                              note=_join(_spread_note(rows, [x, *keys]), tail[2:])))
+    span = finished[axis] if axis in finished else None
+    if span is not None and pd.api.types.is_numeric_dtype(span) and span.notna().any():
+        pad = 0.05 * ((span.max() - span.min()) or 1)
+        for fig in figures[1:]:
+            for panel in fig.panels:
+                panel.xlim = (span.min() - pad, span.max() + pad)
+    return figures, skipped
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------- PNG (matplotlib)
+def save_png(fig: Figure, out: Path) -> Path:
+    n = len(fig.panels)
+    canvas, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], fig.panels):
+        categorical = any(isinstance(v, str) for line in panel.lines for v in line.x)
+        ticks = sorted({v for line in panel.lines for v in line.x}, key=str) if categorical else []
+        for line in panel.lines:
+            xs = [ticks.index(v) for v in line.x] if categorical else line.x
+            mean, lo, hi = (np.asarray(v, dtype=float) for v in (line.mean, line.lo, line.hi))
+            if panel.band:
+                ax.plot(xs, mean, color=line.color, label=line.label, linewidth=1.5)
+                if np.any(hi > lo):
+                    ax.fill_between(xs, lo, hi, color=line.color, alpha=0.2, linewidth=0)
+            else:
+                ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], color=line.color,
+                            label=line.label, marker="o", capsize=3, linewidth=1.5)
+        if panel.xlim:
+            ax.set_xlim(*panel.xlim)
+        if categorical:
+            ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.set_title(panel.title)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        if len(panel.lines) > 1 or panel.legend_title:
+            ax.legend(title=panel.legend_title or None, fontsize=8, title_fontsize=8)
+    canvas.suptitle(fig.title)
+    if fig.note:
+        canvas.text(0.5, 0.01, fig.note, ha="center", va="bottom", fontsize=8, color="0.35")
+    canvas.tight_layout(rect=(0, 0.04 if fig.note else 0, 1, 1))
+    path = out / f"{fig.name}.png"
+    canvas.savefig(path)
+    plt.close(canvas)
+    return path
+
+
+# ---------------------------------------------------------------- HTML (Plotly)
+def plotly_figure(fig: Figure):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    chart = make_subplots(rows=1, cols=len(fig.panels),
+                          subplot_titles=[p.title for p in fig.panels])
+    for col, panel in enumerate(fig.panels, start=1):
+        for line in panel.lines:
+            mean, lo, hi = (np.asarray(v, dtype=float) for v in (line.mean, line.lo, line.hi))
+            x = [str(v) if isinstance(v, str) else v for v in line.x]
+            common = dict(legendgroup=line.label, line=dict(color=line.color))
+            if panel.band and np.any(hi > lo):
+                chart.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0),
+                                           showlegend=False, hoverinfo="skip",
+                                           legendgroup=line.label), row=1, col=col)
+                chart.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0),
+                                           fill="tonexty", fillcolor=_rgba(line.color, 0.2),
+                                           showlegend=False, hoverinfo="skip",
+                                           legendgroup=line.label), row=1, col=col)
+            error = None if panel.band else dict(type="data", array=hi - mean,
+                                                 arrayminus=mean - lo, visible=True)
+            chart.add_trace(go.Scatter(x=x, y=mean, name=line.label, showlegend=col == 1,
+                                       mode="lines" if panel.band else "lines+markers",
+                                       error_y=error, customdata=line.count,
+                                       hovertemplate="%{x}: %{y:.4g} (%{customdata} runs)",
+                                       **common), row=1, col=col)
+        chart.update_xaxes(title_text=panel.xlabel, range=panel.xlim, row=1, col=col)
+        chart.update_yaxes(title_text=panel.ylabel, type="log" if panel.log_y else None,
+                           row=1, col=col)
+    legend_title = fig.panels[0].legend_title if fig.panels else ""
+    chart.update_layout(title=fig.title, legend_title_text=legend_title, height=450,
+                        template="plotly_white")
+    return chart
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(255 * c) for c in matplotlib.colors.to_rgb(hex_color))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def save_html(figures: list[Figure], table: pd.DataFrame, swept: list[str], out: Path) -> Path:
+    """One page, plotly.js inline (works offline): the figures, then the runs table."""
+    parts = []
+    for i, fig in enumerate(figures):
+        chart = plotly_figure(fig).to_html(full_html=False, include_plotlyjs=(i == 0),
+                                           div_id=fig.name)
+        note = f"<p class='note'>{html.escape(fig.note)}</p>" if fig.note else ""
+        parts.append(f"<section><h2>{html.escape(fig.title)}</h2>{chart}{note}</section>")
+    columns = ["run", *swept, "seed", "status", "stop_reason", "final_train_acc",
+               "final_test_acc", "interpolation_step", "interpolation_time_s", "error"]
+    shown = table[[c for c in dict.fromkeys(columns) if c in table]]
+    bad = table[~table["status"].isin(FINISHED)]
+    count = (f"{len(bad)} of {len(table)} runs did not complete" if len(bad)
+             else f"all {len(table)} runs completed")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>dgrun report</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{padding:2px 8px;border-bottom:1px solid #ddd}} .note{{color:#555;font-size:13px}}</style>
+</head><body><h1>dgrun report</h1><p>{html.escape(count)}.</p>
+{''.join(parts)}
+<section><h2>Runs</h2>{shown.to_html(index=False, na_rep="-", float_format="{:.4g}".format)}
+</section></body></html>
+"""
+    if not figures:  # the page still needs no network: nothing to embed
+        page = page.replace("<h1>", "<p>No figures apply to these runs.</p><h1>", 1)
+    path = out / "report.html"
+    path.write_text(page)
+    return path
