@@ -279,8 +279,8 @@ def main(argv=None) -> int:
 
     med = {name: statistics.median(r["s_per_epoch"] for r in rows) for name, rows in results.items()}
     print()
-    print(f"| method           | samples/s | s/epoch | vs bare |")
-    print(f"|------------------|----------:|--------:|--------:|")
+    print("| method           | samples/s | s/epoch | vs bare |")
+    print("|------------------|----------:|--------:|--------:|")
     for name, s in med.items():
         vs = f"{s / med['bare']:.2f}x" if "bare" in med else "-"
         print(f"| {name:<16} | {args.samples / s:>9,.0f} | {s:>7.2f} | {vs:>7} |")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import os
 import re
 import sys
@@ -208,12 +207,23 @@ def build_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFr
         if curve is not None:
             curves[str(run_dir)] = curve
     table = pd.DataFrame(rows)
+    for column in ("seed", "steps", "params", "interpolation_step", *keys):
+        if column in table and (column not in keys or table[column].isna().any()):
+            table[column] = _as_int(table[column])
     order = ["run", "run_dir", *keys, *STANDARD, *RUN_FIELDS]
     finals = [c for c in table if c.startswith("final_")]
     interp = [f"interpolation_{k}" for k in INTERPOLATION]
     rest = [c for c in table if c not in {*order, *finals, *interp, "error"}]
     columns = list(dict.fromkeys(order + finals + interp + rest + ["error"]))
     return table[columns], curves, list(keys)
+
+
+def _as_int(column: pd.Series) -> pd.Series:
+    """Whole numbers read back as floats (a NaN in the column) -> nullable integers."""
+    if not pd.api.types.is_float_dtype(column) or column.isna().all():
+        return column
+    values = column.dropna()
+    return column.astype("Int64") if (values == values.round()).all() else column
 
 
 def swept_columns(table: pd.DataFrame, override_keys: list[str]) -> list[str]:
@@ -231,9 +241,9 @@ def why(row: pd.Series) -> str:
     if isinstance(row.get("error"), str) and row["error"]:
         return row["error"]
     if row["status"] == "unknown":
-        return "no summary.json (crashed at start, or not started yet)"
+        return "no summary.json: crashed at start, or not started yet"
     if row["status"] == "running":
-        return f"unfinished, {int(row['steps'] or 0)} steps so far"
+        return f"unfinished, {0 if pd.isna(row['steps']) else int(row['steps'])} steps so far"
     return str(row.get("stop_reason") or "")
 
 
@@ -242,8 +252,8 @@ def write_table(table: pd.DataFrame, out: Path) -> list[str]:
     notes = []
     try:
         table.to_parquet(out / "runs.parquet", index=False)
-    except ImportError:
-        pass  # pyarrow / fastparquet not installed: runs.csv has everything
+    except ImportError:  # pyarrow / fastparquet not installed: runs.csv has everything
+        (out / "runs.parquet").unlink(missing_ok=True)  # never leave a stale one beside it
     except Exception as e:  # a column mixing types parquet cannot store
         (out / "runs.parquet").unlink(missing_ok=True)
         notes.append(f"runs.parquet skipped ({type(e).__name__}: {e})")
@@ -264,7 +274,8 @@ def print_summary(table: pd.DataFrame, swept: list[str]) -> None:
                ("final_train_acc", "train acc"), ("final_test_acc", "test acc"),
                ("interpolation_step", "steps to threshold")]
     for key, title in columns:
-        grid.add_column(title, justify="left" if key in ("run", "status") else "right")
+        numeric = key in table and pd.api.types.is_numeric_dtype(table[key])
+        grid.add_column(title, justify="right" if numeric else "left")
     for _, row in table.iterrows():
         cells = [_cell(row.get(key)) for key, _ in columns]
         status = row["status"]
@@ -275,13 +286,14 @@ def print_summary(table: pd.DataFrame, swept: list[str]) -> None:
     if len(bad):
         console.print(f"[bold]{len(bad)} of {len(table)} runs did not complete:[/]")
         for _, row in bad.iterrows():
-            console.print(f"  {row['run']}: {row['status']} ({why(row)})", markup=False)
+            console.print(f"  {row['run']}: {row['status']} ({why(row)})", markup=False,
+                          soft_wrap=True)
     else:
         console.print(f"all {len(table)} runs completed")
 
 
 def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or pd.isna(value):
         return "-"
     if isinstance(value, float):
         return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.4g}"
@@ -299,7 +311,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="dgrun report", description="Tables and figures from run directories.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                    help="run directories, sweep directories, or folders holding several sweeps")
-    p.add_argument("--out", type=Path, help="where to write (default: <first PATH>/report)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where to write (default: <first PATH>/report)")
     p.add_argument("--x", metavar="KEY", help="x axis: a table column (default for the "
                    "corruption figures: prob)")
     p.add_argument("--y", metavar="KEY", help="with --x: also draw <y>_vs_<x>.png")
@@ -347,10 +360,12 @@ def _report(args: argparse.Namespace) -> pd.DataFrame:
     notes = write_table(table, out)
     swept = swept_columns(table, keys)
     print_summary(table, swept)
-    written = [out / "runs.csv"] + ([out / "runs.parquet"] if (out / "runs.parquet").exists() else [])
+    written = [p for p in (out / "runs.csv", out / "runs.parquet") if p.exists()]
     if not args.no_figures:
         from dgrun import report_figures
 
+        for stale in report_figures.STANDARD:  # from an earlier report; may not apply now
+            (out / f"{stale}.png").unlink(missing_ok=True)
         figs, skipped = report_figures.build(table, curves, swept, x=args.x, y=args.y,
                                              hue=args.hue)
         notes += skipped
@@ -364,7 +379,10 @@ def _report(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed (2)
+        return int(e.code or 0)
     try:
         _report(args)
     except UserError as e:

@@ -12,7 +12,7 @@ are averaged: the line is the mean, the band or error bar spans min to max.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 FINISHED = ("completed", "stopped")
+DASHES = ("solid", "dash", "dot", "dashdot")
+MPL_DASHES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-."}
+STANDARD = ("learning_curves", "threshold_vs_corruption", "test_error_vs_corruption")
 LABELS = {"prob": "corruption probability", "time_s": "seconds", "step": "step",
           "interpolation_time_s": "seconds to the threshold",
           "interpolation_step": "steps to the threshold", "test_error": "test error"}
@@ -38,6 +41,7 @@ class Line:
     hi: list
     count: list  # runs (seeds) behind each point
     color: str = "C0"
+    dash: str = "solid"  # solid | dash | dot | dashdot (Plotly's names)
 
 
 @dataclass
@@ -58,7 +62,6 @@ class Figure:
     title: str
     panels: list[Panel]
     note: str = ""
-    stats: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- what to draw
@@ -73,14 +76,20 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
-def colors(keys: list[str], groups: list, table: pd.DataFrame) -> list[str]:
-    """A numeric parameter gets an ordered colour map (low -> high), anything else tab10."""
-    if len(keys) == 1 and pd.api.types.is_numeric_dtype(table[keys[0]]) and len(groups) > 1:
-        values = [g[0] if isinstance(g, tuple) else g for g in groups]
-        low, high = min(values), max(values)
+def styles(keys: list[str], groups: list[tuple], table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(colour, dash) per line. One numeric parameter (e.g. prob) gets an ordered colour map,
+    low to high, and the other parameters dashes; otherwise tab10 colours, solid lines."""
+    numeric = [i for i, k in enumerate(keys) if pd.api.types.is_numeric_dtype(table[k])]
+    values = [g[numeric[0]] for g in groups] if len(numeric) == 1 else []
+    if len(groups) > 1 and values and not any(pd.isna(v) for v in values):
+        low, scale = min(values), (max(values) - min(values)) or 1
+        others = [g[:numeric[0]] + g[numeric[0] + 1:] for g in groups]
+        order = list(dict.fromkeys(others))
         cmap = plt.get_cmap("viridis")
-        return [matplotlib.colors.to_hex(cmap(0.9 * (v - low) / ((high - low) or 1))) for v in values]
-    return [matplotlib.colors.to_hex(plt.get_cmap("tab10")(i % 10)) for i in range(len(groups))]
+        return [(matplotlib.colors.to_hex(cmap(0.9 * (v - low) / scale)),
+                 DASHES[order.index(o) % len(DASHES)]) for v, o in zip(values, others)]
+    tab10 = plt.get_cmap("tab10")
+    return [(matplotlib.colors.to_hex(tab10(i % 10)), "solid") for i in range(len(groups))]
 
 
 def grouped(table: pd.DataFrame, keys: list[str]):
@@ -96,10 +105,10 @@ def versus(table: pd.DataFrame, x: str, y: str, keys: list[str], title: str, yla
     data = table.dropna(subset=[x, y])
     groups = grouped(data, keys)
     lines = []
-    for (values, part), color in zip(groups, colors(keys, [g for g, _ in groups], data)):
+    for (values, part), style in zip(groups, styles(keys, [g for g, _ in groups], data)):
         stats = part.groupby(x, sort=True)[y].agg(["mean", "min", "max", "count"])
         lines.append(Line(label_of(keys, values), list(stats.index), list(stats["mean"]),
-                          list(stats["min"]), list(stats["max"]), list(stats["count"]), color))
+                          list(stats["min"]), list(stats["max"]), list(stats["count"]), *style))
     return Panel(title, LABELS.get(x, x), ylabel, lines, legend_title=", ".join(keys))
 
 
@@ -108,12 +117,12 @@ def learning_curves(table: pd.DataFrame, curves: dict, keys: list[str]) -> Optio
     if runs.empty:
         return None
     groups = grouped(runs, keys)
-    palette = colors(keys, [g for g, _ in groups], runs)
+    palette = styles(keys, [g for g, _ in groups], runs)
     panels = [Panel("training loss", "step", "train loss", [], band=True, log_y=True,
                     legend_title=", ".join(keys)),
               Panel("training accuracy", "step", "train accuracy", [], band=True,
                     legend_title=", ".join(keys))]
-    for (values, part), color in zip(groups, palette):
+    for (values, part), style in zip(groups, palette):
         seeds = len(part)
         label = label_of(keys, values) + (f" ({seeds} runs)" if seeds > 1 else "")
         for panel, metric in zip(panels, ("train_loss", "train_acc")):
@@ -124,7 +133,7 @@ def learning_curves(table: pd.DataFrame, curves: dict, keys: list[str]) -> Optio
             wide = pd.concat(series, axis=1).sort_index()  # step x run; runs may stop early
             panel.lines.append(Line(label, list(wide.index), list(wide.mean(axis=1)),
                                     list(wide.min(axis=1)), list(wide.max(axis=1)),
-                                    list(wide.count(axis=1)), color))
+                                    list(wide.count(axis=1)), *style))
     loss = [v for line in panels[0].lines for v in line.lo if pd.notna(v)]
     panels[0].log_y = bool(loss) and min(loss) > 0
     return Figure("learning_curves", "Learning curves (Zhang et al. 2017, Fig. 1a)",
@@ -155,13 +164,13 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
     axis = x or "prob"
     keys = [k for k in line_keys(swept, axis, hue) if k != axis]
     excluded = len(table) - len(finished)
-    tail = f"; {excluded} unfinished/failed run(s) left out" if excluded else ""
+    left_out = f"{excluded} unfinished or failed run(s) left out" if excluded else ""
     if axis not in table or finished[axis].astype(str).nunique() < 2:
         what = "the corruption probability" if axis == "prob" else axis
         skipped.append(f"threshold_vs_corruption.png, test_error_vs_corruption.png skipped: "
                        f"{what} does not vary across finished runs (pick an axis with --x KEY)")
     else:
-        reached = finished[finished["interpolation_reached"] == True]  # noqa: E712
+        reached = finished[finished["interpolation_reached"].astype(bool)]
         if reached.empty:
             skipped.append("threshold_vs_corruption.png skipped: no run reached the threshold")
         else:
@@ -175,7 +184,7 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
                         "steps")],
                 note=_join(_spread_note(reached, [axis, *keys]),
                            f"{missed} run(s) that never reached it left out" if missed else "",
-                           tail[2:])))
+                           left_out)))
         errors = finished.dropna(subset=["final_test_acc"]) if "final_test_acc" in finished \
             else finished.iloc[0:0]
         if errors.empty:
@@ -187,18 +196,17 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
                 "test_error_vs_corruption", "Test error (Zhang et al. 2017, Fig. 1c)",
                 [versus(errors, axis, "test_error", keys, "test error",
                         "test error (1 - accuracy)")],
-                note=_join(_spread_note(errors, [axis, *keys]), tail[2:])))
+                note=_join(_spread_note(errors, [axis, *keys]), left_out)))
     if y:
-        axis = x
         rows = finished[[y, x, *keys]].dropna(subset=[y])
         figures.append(Figure(f"{y}_vs_{x}".replace("/", "_"), f"{y} vs {x}",
                               [versus(finished, x, y, keys, f"{y} vs {x}", LABELS.get(y, y))],
-                              note=_join(_spread_note(rows, [x, *keys]), tail[2:])))
+                              note=_join(_spread_note(rows, [x, *keys]), left_out)))
     span = finished[axis] if axis in finished else None
     if span is not None and pd.api.types.is_numeric_dtype(span) and span.notna().any():
         pad = 0.05 * ((span.max() - span.min()) or 1)
-        for fig in figures[1:]:
-            for panel in fig.panels:
+        for fig in figures:
+            for panel in fig.panels if fig.name != "learning_curves" else []:
                 panel.xlim = (span.min() - pad, span.max() + pad)
     return figures, skipped
 
@@ -218,30 +226,38 @@ def save_png(fig: Figure, out: Path) -> Path:
             xs = [ticks.index(v) for v in line.x] if categorical else line.x
             mean, lo, hi = (np.asarray(v, dtype=float) for v in (line.mean, line.lo, line.hi))
             if panel.band:
-                ax.plot(xs, mean, color=line.color, label=line.label, linewidth=1.5)
+                ax.plot(xs, mean, color=line.color, label=line.label, linewidth=1.5,
+                        linestyle=MPL_DASHES[line.dash])
                 if np.any(hi > lo):
                     ax.fill_between(xs, lo, hi, color=line.color, alpha=0.2, linewidth=0)
             else:
                 ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], color=line.color,
-                            label=line.label, marker="o", capsize=3, linewidth=1.5)
+                            label=line.label, marker="o", capsize=3, linewidth=1.5,
+                            linestyle=MPL_DASHES[line.dash])
         if panel.xlim:
             ax.set_xlim(*panel.xlim)
         if categorical:
             ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
         if panel.log_y:
             ax.set_yscale("log")
-        ax.set_title(panel.title)
+        ax.set_title(panel.title if n > 1 else "")  # one panel: the figure's title says it
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
-        if len(panel.lines) > 1 or panel.legend_title:
-            ax.legend(title=panel.legend_title or None, fontsize=8, title_fontsize=8)
+    handles = {}  # one legend for the figure, beside the last panel, clear of the curves
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    legend_title = fig.panels[0].legend_title if fig.panels else ""
+    if len(handles) > 1 or legend_title:
+        axes[0][-1].legend(handles.values(), handles.keys(), title=legend_title or None,
+                           loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8,
+                           title_fontsize=8)
     canvas.suptitle(fig.title)
     if fig.note:
         canvas.text(0.5, 0.01, fig.note, ha="center", va="bottom", fontsize=8, color="0.35")
     canvas.tight_layout(rect=(0, 0.04 if fig.note else 0, 1, 1))
     path = out / f"{fig.name}.png"
-    canvas.savefig(path)
+    canvas.savefig(path, bbox_inches="tight")
     plt.close(canvas)
     return path
 
@@ -252,12 +268,13 @@ def plotly_figure(fig: Figure):
     from plotly.subplots import make_subplots
 
     chart = make_subplots(rows=1, cols=len(fig.panels),
-                          subplot_titles=[p.title for p in fig.panels])
+                          subplot_titles=[p.title for p in fig.panels] if len(fig.panels) > 1
+                          else None)
     for col, panel in enumerate(fig.panels, start=1):
         for line in panel.lines:
             mean, lo, hi = (np.asarray(v, dtype=float) for v in (line.mean, line.lo, line.hi))
             x = [str(v) if isinstance(v, str) else v for v in line.x]
-            common = dict(legendgroup=line.label, line=dict(color=line.color))
+            common = dict(legendgroup=line.label, line=dict(color=line.color, dash=line.dash))
             if panel.band and np.any(hi > lo):
                 chart.add_trace(go.Scatter(x=x, y=hi, mode="lines", line=dict(width=0),
                                            showlegend=False, hoverinfo="skip",
@@ -277,8 +294,8 @@ def plotly_figure(fig: Figure):
         chart.update_yaxes(title_text=panel.ylabel, type="log" if panel.log_y else None,
                            row=1, col=col)
     legend_title = fig.panels[0].legend_title if fig.panels else ""
-    chart.update_layout(title=fig.title, legend_title_text=legend_title, height=450,
-                        template="plotly_white")
+    chart.update_layout(legend_title_text=legend_title, height=420, template="plotly_white",
+                        margin={"t": 40})  # the page's heading is the figure's title
     return chart
 
 

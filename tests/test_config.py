@@ -1,0 +1,77 @@
+"""Every config composes and validates; the schema types what sweeps hand over."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from dgrun.cli import config_dir
+from dgrun.config import from_hydra, register_schemas
+from dgrun.data import DATASETS
+from dgrun.errors import UserError
+from dgrun.models import MODELS
+from dgrun.optim import OPTIMIZERS, SCHEDULERS
+
+CONF = config_dir()
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def composer():
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def test_config_groups_and_registries_agree():
+    for group, registry in [("dataset", DATASETS), ("model", MODELS),
+                            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)]:
+        assert choices(group) == registry.names(), group
+
+
+def test_every_choice_composes_and_validates_with_every_dataset(composer):
+    """Each dataset with each model that takes its data, and with each choice of the other
+    groups (the groups are independent of one another, so their product adds nothing)."""
+    checked = 0
+    for dataset in choices("dataset"):
+        modality = DATASETS.tags(dataset)["modality"]
+        for model in choices("model"):
+            overrides = [f"dataset={dataset}", f"model={model}"]
+            if modality not in MODELS.tags(model)["modalities"]:
+                with pytest.raises(UserError, match="cannot take"):
+                    from_hydra(composer(*overrides))
+                continue
+            run = from_hydra(composer(*overrides))
+            assert (run.dataset.name, run.model.name) == (dataset, model)
+            checked += 1
+        for group in ("corruption", "optimizer", "scheduler", "phenomenon"):
+            for choice in choices(group):
+                from_hydra(composer(f"dataset={dataset}", f"{group}={choice}"))
+                checked += 1
+    assert checked > 100
+
+
+def test_experiments_and_phenomena_compose(composer):
+    for name in choices("experiment"):
+        from_hydra(composer(f"+experiment={name}"))
+    for name in choices("phenomenon"):
+        from_hydra(composer(f"phenomenon={name}"))
+
+
+def test_schema_types_sweep_values(composer):
+    run = from_hydra(composer("corruption=partial_labels", "corruption.prob=0"))
+    assert isinstance(run.corruption.prob, float)
+    run = from_hydra(composer("model.dropout=0"))
+    assert isinstance(run.model.options["dropout"], float)
+
+
+def test_mismatched_model_and_data_fail_before_loading(composer):
+    with pytest.raises(UserError, match="cannot take vector data"):
+        from_hydra(composer("dataset=mnist1d", "model=inception"))
