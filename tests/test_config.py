@@ -60,7 +60,7 @@ def test_every_choice_composes_and_validates_with_every_dataset(composer):
 
 def test_experiments_and_phenomena_compose(composer):
     for name in choices("experiment"):
-        from_hydra(composer(f"+experiment={name}"))
+        from_hydra(composer(f"experiment={name}"))
     for name in choices("phenomenon"):
         from_hydra(composer(f"phenomenon={name}"))
 

@@ -3,6 +3,7 @@
     dgrun [overrides]             train one run (Hydra: --help, --cfg job, --info, -m, -sc)
     dgrun -m key=a,b ...          sweep
     dgrun report PATH...          tables and figures from run directories
+    dgrun slurm [opts] -- a=1,2   submit a sweep as one Slurm job array and return
 
 Before Hydra starts a run, every override combination is composed and validated here, so a
 typo, an unknown choice or an out-of-range value ends with one line (exit code 2) and no run
@@ -152,16 +153,26 @@ def _cleanup_fresh_dir(run_dir: Path) -> None:
 
 def train_task(cfg) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from dgrun.config import from_hydra, plain
     from dgrun.run import run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run(from_hydra(cfg), run_dir, plain(cfg))
+        job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
+        summary = run(from_hydra(cfg), run_dir, plain(cfg), job_num=job_num)
     except UserError as e:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # In a sweep the other jobs go on: record this one as failed, for the report.
+            from dgrun.metrics import write_json
+
+            print(f"dgrun: error: job {hydra_cfg.job.num}: {e}", file=sys.stderr)
+            if not (run_dir / "summary.json").exists():
+                write_json(run_dir / "summary.json", {"status": "failed", "error": str(e)})
+            raise
         _cleanup_fresh_dir(run_dir)
-        logging.getLogger("dgrun").debug("user error", exc_info=True)
         fail(e.problem, e.fix)
     return (summary.get("final") or {}).get("test_acc")
 
@@ -172,7 +183,10 @@ def _hydra_main(conf: Path) -> Callable[[], None]:
     return hydra.main(config_path=str(conf), config_name="config", version_base="1.3")(train_task)
 
 
-SUBCOMMANDS: dict[str, str] = {"report": "dgrun.report:main"}  # name -> "module:function", dispatched before Hydra
+SUBCOMMANDS: dict[str, str] = {  # name -> "module:function", dispatched before Hydra
+    "report": "dgrun.report:main",
+    "slurm": "dgrun.slurm:main",
+}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -189,6 +203,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     args, _ = get_args_parser().parse_known_args(argv)
     showing = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+    modes = sum(map(bool, (args.run, args.cfg, args.multirun, args.shell_completion, args.info)))
+    if modes > 1:
+        fail("only one of --run, --multirun, --cfg, --info and --shell-completion can be given",
+             "drop -m to show the config of one job (dgrun --cfg job ...)")
     if not showing:
         _compose_all(args, conf)
     sys.argv = [sys.argv[0]] + argv

@@ -65,8 +65,18 @@ class RootSchema:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+# Zhang et al. 2017 train Inception at lr 0.1 and AlexNet and the MLPs at 0.01.
+ZHANG_LR = {"inception": 0.1}
+
+
+def zhang_lr(model_name: str) -> float:
+    return ZHANG_LR.get(model_name, 0.01)
+
+
 def register_schemas() -> None:
     ConfigStore.instance().store(name="dgrun_schema", node=RootSchema)
+    if not OmegaConf.has_resolver("dgrun.zhang_lr"):
+        OmegaConf.register_new_resolver("dgrun.zhang_lr", zhang_lr)
 
 
 # Keys of the dataset section that the data pipeline consumes; the rest go to the loader.

@@ -7,6 +7,7 @@ checkpoint is written, so a cluster launcher still requeues the job.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Optional
@@ -41,7 +42,19 @@ class PreemptionGuard:
         return False
 
     def forward(self) -> None:
-        """Hand the received signal to the handler that was there before (e.g. submitit's)."""
+        """Hand the received signal to the handler that was there before (e.g. submitit's).
+
+        Called after the checkpoint is written, while the job's callable still runs. In a
+        submitit Slurm job, submitit's USR2 handler requeues the job and exits (SystemExit)
+        right here. Any other signal there (SIGTERM from `scontrol requeue`, a preemption, a
+        time limit or `scancel`; submitit only logs it) must not end the job with a result:
+        submitit would record the unfinished run as a success, and Hydra's launcher would stop
+        waiting for a job that Slurm may be about to run again. So the job exits with
+        128 + signal number and no result: a requeued job is awaited and resumes, a cancelled
+        one is reported as not completed.
+        """
         handler = self._previous.get(self.received) if self.received is not None else None
         if callable(handler) and handler not in (signal.default_int_handler,):
             handler(self.received, None)
+        if self.received is not None and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            raise SystemExit(128 + int(self.received))

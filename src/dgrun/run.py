@@ -73,9 +73,16 @@ def make_plan(t: TrainerConfig, n_train: int, seed: int) -> tuple[Plan, set[int]
     return plan, snapshot_points
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, job_num: Optional[int] = None) -> torch.device:
+    """`auto`: the GPU if there is one. In a sweep (job_num set) with several visible GPUs, job
+    k takes cuda:(k % count), so jobs run in parallel (hydra/launcher=local) spread over them."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        if job_num is not None and count > 1:
+            return torch.device(f"cuda:{job_num % count}")
+        return torch.device("cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} but no CUDA device is visible", "use device=cpu or auto")
     return torch.device(name)
@@ -151,8 +158,12 @@ def summarize(cfg: RunConfig, state: State, params: int, started: float, extra: 
     }
 
 
-def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any]) -> dict:
-    """Train one run into `run_dir` (resuming from its checkpoint if there is one)."""
+def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any],
+        job_num: Optional[int] = None) -> dict:
+    """Train one run into `run_dir` (resuming from its checkpoint if there is one).
+
+    job_num: the job's number in a sweep (picks its GPU when several are visible).
+    """
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.trainer
@@ -173,11 +184,13 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any]) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, job_num)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # so defaults (streams, events, synchronize) use it too
     seed_everything(cfg.seed)
-    bundle = pipeline.load(cfg.dataset.name, seed=cfg.seed, corruption_name=cfg.corruption.name,
-                           prob=cfg.corruption.prob, apply_to_test=cfg.corruption.apply_to_test,
-                           **cfg.pipeline, **cfg.dataset.options).to(device)
+    bundle = pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.seed,
+                           corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
+                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
     meta = bundle.meta
     model = models.create(cfg.model.name, meta.input_shape, meta.num_classes, meta.modality,
                           vocab_size=meta.vocab_size, **cfg.model.options).to(device)

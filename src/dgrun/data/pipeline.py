@@ -27,11 +27,12 @@ def validate_pipeline(preprocess: Optional[str] = "none", center_crop: Optional[
                         "e.g. dataset.center_crop=28")
 
 
-def load(name: str, *, seed: int, corruption_name: str = "none", prob: float = 0.0,
-         apply_to_test: bool = True, preprocess: Optional[str] = "none",
-         center_crop: Optional[int] = None, augment: Optional[dict] = None,
-         **loader_options) -> Bundle:
-    bundle = DATASETS.build(name, **loader_options)
+def load(name: str, loader_options: Optional[dict] = None, *, seed: int,
+         corruption_name: str = "none", prob: float = 0.0, apply_to_test: bool = True,
+         preprocess: Optional[str] = "none", center_crop: Optional[int] = None,
+         augment: Optional[dict] = None) -> Bundle:
+    """`loader_options` go to the dataset's builder; `augment` is applied per batch by the loop."""
+    bundle = DATASETS.build(name, **(loader_options or {}))
     if bundle.meta.modality == "image":
         bundle = bundle.replace(train=_as_float(bundle.train), test=_as_float(bundle.test))
     bundle = corruption.apply(bundle, corruption_name, seed=seed, prob=prob,
