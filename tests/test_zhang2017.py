@@ -1,0 +1,68 @@
+"""The Zhang et al. 2017 study end to end: real-format CIFAR-10 files through `dgrun`."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import FAST, dgrun, read_metrics, read_summary
+from dgrun.cli import config_dir
+from dgrun.config import from_hydra, register_schemas
+from test_vision_data import _write_cifar10
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    _write_cifar10(root, per_batch=40)  # 200 train / 40 test images in the real pickle format
+    return root
+
+
+@pytest.mark.parametrize("model, params", [("mlp1", 1_209_866), ("alexnet", 1_387_786),
+                                           ("inception", 1_649_402)])
+def test_fake_cifar10_trains_the_papers_models_with_the_papers_setup(tmp_path, cifar_root,
+                                                                    model, params):
+    run_dir = tmp_path / "run"
+    dgrun("dataset=cifar10", f"dataset.root={cifar_root}", "dataset.center_crop=28",
+          "phenomenon=rethinking", f"model={model}", "corruption=random_labels",
+          "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *FAST)
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed" and summary["steps"] == 4  # 200 rows, batch 128
+    assert summary["params"] == params  # Table 1's counts: 28x28x3 input after the centre crop
+    rows = read_metrics(run_dir)
+    assert float(rows[0]["lr"]) == (0.1 if model == "inception" else 0.01)
+    assert float(rows[-1]["lr"]) == pytest.approx(rows and float(rows[0]["lr"]) * 0.95 ** 2)
+
+
+def test_rethinking_sets_the_papers_training_setup():
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for model, lr in [("inception", 0.1), ("alexnet", 0.01), ("mlp1", 0.01)]:
+            run = from_hydra(compose("config", overrides=["phenomenon=rethinking", f"model={model}"]))
+            assert run.optimizer.name == "sgd" and run.optimizer.options["lr"] == lr
+            assert run.optimizer.options["momentum"] == 0.9
+            assert run.optimizer.options["weight_decay"] == 0.0
+            assert run.scheduler.name == "exponential" and run.scheduler.options["gamma"] == 0.95
+            assert run.trainer.batch_size == 128 and run.trainer.stop_at_interpolation
+            assert run.pipeline["preprocess"] == "whiten" and not run.pipeline["augment"]
+        user = from_hydra(compose("config", overrides=["phenomenon=rethinking", "optimizer.lr=0.5"]))
+        assert user.optimizer.options["lr"] == 0.5  # the command line still wins
+    GlobalHydra.instance().clear()
+
+
+def test_whitening_is_per_image_as_in_tensorflow():
+    import math
+
+    import torch
+
+    from dgrun.data.bundle import Split
+    from dgrun.data.pipeline import _whiten
+
+    x = torch.rand(5, 3, 28, 28)
+    x[0] = 0.5  # a constant image: std 0 -> divided by 1/sqrt(N) instead
+    out = _whiten(Split(x, torch.zeros(5, dtype=torch.long))).x
+    flat = out.reshape(5, -1)
+    assert torch.allclose(flat[1:].mean(1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(flat[1:].std(1, unbiased=False), torch.ones(4), atol=1e-4)
+    assert torch.all(flat[0] == 0) and math.isfinite(float(flat.sum()))
