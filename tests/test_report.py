@@ -309,11 +309,10 @@ def test_real_sweep_then_report(tmp_path):
     run = subprocess.run(
         [dgrun, "-m", "corruption=partial_labels", "corruption.prob=0,1.0",
          "trainer.max_epochs=3", "trainer.progress=none", "threads=1", "device=cpu",
-         f"hydra.sweep.dir={sweep_dir}",
-         "+hydra.callbacks.report._target_=dgrun.callbacks.ReportCallback"],
+         f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (sweep_dir / "report" / "runs.csv").exists()  # made by the callback
+    assert (sweep_dir / "report" / "runs.csv").exists()  # made by the config's callback
     made = subprocess.run([dgrun, "report", str(sweep_dir), "--out", str(tmp_path / "out"),
                            "--x", "prob", "--y", "final_train_loss"],
                           capture_output=True, text=True, timeout=120, env=env)

@@ -189,7 +189,7 @@ def _component(section: str, node: Any, registry, skip: tuple[str, ...] = ("name
             continue
         if key not in allowed:
             raise UserError(f"{section} '{name}' has no option '{key}'",
-                            f"its options are: {', '.join(registry.options(name)) or 'none'}")
+                            f"its options are: {', '.join(sorted(allowed)) or 'none'}")
         full = f"{section}.{key}"
         value = _coerce(full, value, params[key].default)
         _check_range(full, value)

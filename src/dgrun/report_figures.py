@@ -81,10 +81,13 @@ def styles(keys: list[str], groups: list[tuple], table: pd.DataFrame) -> list[tu
     low to high, and the other parameters dashes; otherwise tab10 colours, solid lines."""
     numeric = [i for i, k in enumerate(keys) if pd.api.types.is_numeric_dtype(table[k])]
     values = [g[numeric[0]] for g in groups] if len(numeric) == 1 else []
-    if len(groups) > 1 and values and not any(pd.isna(v) for v in values):
+    others = [g[:numeric[0]] + g[numeric[0] + 1:] for g in groups] if values else []
+    order = list(dict.fromkeys(others))
+    # The colour map only when the numeric parameter is the main axis: lines of equal value
+    # (e.g. every pixel corruption at prob 0) must still get colours of their own.
+    if (len(groups) > 1 and values and not any(pd.isna(v) for v in values)
+            and len(set(values)) >= len(order) and len(order) <= len(DASHES)):
         low, scale = min(values), (max(values) - min(values)) or 1
-        others = [g[:numeric[0]] + g[numeric[0] + 1:] for g in groups]
-        order = list(dict.fromkeys(others))
         cmap = plt.get_cmap("viridis")
         return [(matplotlib.colors.to_hex(cmap(0.9 * (v - low) / scale)),
                  DASHES[order.index(o) % len(DASHES)]) for v, o in zip(values, others)]
