@@ -208,3 +208,22 @@ def test_snapshots_keep_a_log_spaced_history(tmp_path):
     steps = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
     assert steps == [1, 2, 3, 6, 10, 18, 32, 56, 100, 120]
     assert checkpoint.load_file(run_dir / "checkpoints" / "step_00000056.pt")["state"]["step"] == 56
+
+
+def test_sigterm_stops_a_whole_sweep_and_rerunning_it_resumes(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", "trainer.unit=step", "trainer.eval_every=5",
+            "trainer.checkpoint_every=7", "trainer.max_epochs=60", *FAST,
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "dgrun.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: metrics_rows(sweep / "0") >= 20, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "run the same command again to resume" in proc.stderr.read()
+    assert read_summary(sweep / "0")["status"] == "preempted"
+    assert not (sweep / "1" / "summary.json").exists()  # the next job never started
+    dgrun(*args)
+    first, second = read_summary(sweep / "0"), read_summary(sweep / "1")
+    assert first["status"] == second["status"] == "completed"
+    assert first["resumed_at_steps"] and not second["resumed_at_steps"]

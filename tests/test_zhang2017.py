@@ -66,3 +66,19 @@ def test_whitening_is_per_image_as_in_tensorflow():
     assert torch.allclose(flat[1:].mean(1), torch.zeros(4), atol=1e-5)
     assert torch.allclose(flat[1:].std(1, unbiased=False), torch.ones(4), atol=1e-4)
     assert torch.all(flat[0] == 0) and math.isfinite(float(flat.sum()))
+
+
+def test_digits_figure1_shows_what_the_paper_shows(tmp_path):
+    """The offline Fig. 1b/1c at three corruption levels: every level is fit to 100%, test
+    accuracy falls to chance, and fitting noisy labels takes longer than fitting clean ones."""
+    sweep = tmp_path / "sweep"
+    dgrun("-m", "experiment=zhang2017_fig1bc_digits", "corruption.prob=0.0,0.5,1.0", "seed=0",
+          "trainer.progress=none", f"hydra.sweep.dir={sweep}", timeout=600)
+    runs = [read_summary(sweep / str(i)) for i in range(3)]
+    assert [r["corruption"]["prob"] for r in runs] == [0.0, 0.5, 1.0]
+    assert all(r["final"]["train_acc"] == 1.0 and r["interpolation"]["reached"] for r in runs)
+    clean, half, noise = (r["final"]["test_acc"] for r in runs)
+    assert clean > 0.95 and 0.3 < half < 0.7 and noise < 0.2
+    steps = [r["interpolation"]["step"] for r in runs]
+    assert steps[1] > 2 * steps[0] and steps[2] > 2 * steps[0]
+    assert (sweep / "report" / "threshold_vs_corruption.png").exists()

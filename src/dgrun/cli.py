@@ -174,6 +174,12 @@ def train_task(cfg) -> Optional[float]:
             raise
         _cleanup_fresh_dir(run_dir)
         fail(e.problem, e.fix)
+    if summary.get("status") == "preempted":
+        # A signal stops the whole command, not just this job: a sweep must not go on to its
+        # next job after SIGTERM. Re-running the same command resumes from the checkpoints.
+        print(f"dgrun: preempted by {summary.get('stop_reason')}; checkpoint written to "
+              f"{run_dir / 'checkpoints'}; run the same command again to resume", file=sys.stderr)
+        sys.exit(0)
     return (summary.get("final") or {}).get("test_acc")
 
 
