@@ -119,10 +119,10 @@ class Recorder:
         self.bar.eval(row)
 
     def save(self, state: State, reason: str) -> None:
-        snapshot = None
-        if self.snapshots == "every" or (self.snapshots == "log" and
-                                         (state.step in self.snapshot_points or reason != "periodic")):
-            snapshot = state.step
+        # "log" keeps its log-spaced steps plus the threshold, the end and preemption points.
+        keep = {"none": False, "every": True,
+                "log": state.step in self.snapshot_points or reason != "periodic"}[self.snapshots]
+        snapshot = state.step if keep else None
         payload = {"state": asdict(state), "model": self.model.state_dict(),
                    "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
