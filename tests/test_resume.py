@@ -227,3 +227,14 @@ def test_sigterm_stops_a_whole_sweep_and_rerunning_it_resumes(tmp_path):
     first, second = read_summary(sweep / "0"), read_summary(sweep / "1")
     assert first["status"] == second["status"] == "completed"
     assert first["resumed_at_steps"] and not second["resumed_at_steps"]
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    from dgrun.preemption import PreemptionGuard
+
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.signal_name == "SIGINT"  # the first asks the loop to stop after its step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
