@@ -1,7 +1,6 @@
 """Every config composes and validates; the schema types what sweeps hand over."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -18,6 +18,7 @@ def test_the_wheel_ships_every_config_and_the_installed_package_finds_them(tmp_p
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert shipped and {f"dgrun/{p}" for p in shipped} <= names
     assert "dgrun/cli.py" in names and any(n.endswith("entry_points.txt") for n in names)
+    assert "dgrun/templates/array.sbatch" in names  # what `dgrun slurm` renders
 
     # Import the unpacked wheel, not the source tree: this is what `pip install .` gives.
     site = tmp_path / "site"

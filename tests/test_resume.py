@@ -1,7 +1,6 @@
 """Exact resume: a run killed at any moment and resumed ends exactly like one never killed."""
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess

@@ -133,10 +133,9 @@ def test_submission_writes_the_sweep_and_returns_at_once(tmp_path, fake_slurm, c
 
 def test_the_batch_script_forwards_usr2_checkpoints_and_requeues_itself(tmp_path, fake_slurm):
     """The rendered script run by bash as Slurm would run task 0: USR2 reaches dgrun through
-    the shell, the task requeues itself; TERM stops it without a requeue; the run resumes and
-    ends exactly like an uninterrupted one."""
-    reference = tmp_path / "reference"
-    dgrun(*LONG, f"hydra.run.dir={reference}")
+    the shell and the task requeues itself; TERM stops it without a requeue; the next start
+    resumes. (That the resumed run ends exactly like an uninterrupted one: test_resume.py, and
+    on a real cluster test_slurm.py.)"""
     sweep = tmp_path / "sweep"
     assert slurm_main("--sweep-dir", str(sweep), "--", *LONG) == 0
     script = sweep / "slurm" / "array.sbatch"
@@ -172,7 +171,7 @@ def test_the_batch_script_forwards_usr2_checkpoints_and_requeues_itself(tmp_path
     summary = read_summary(run_dir)
     assert rc == 0 and summary["status"] == "completed", out
     assert summary["resumed_at_steps"][0] == first_stop and len(summary["resumed_at_steps"]) == 2
-    assert comparable(run_dir) == comparable(reference)
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(0, 721, 5))
     assert "job 77_0: start #2" in out
 
 
@@ -287,3 +286,24 @@ def test_rerunning_a_killed_sweep_into_its_dir_resumes_the_unfinished_jobs(tmp_p
     dgrun(*[a.replace("max_epochs=40", "max_epochs=45") for a in args])
     assert [read_summary(sweep / str(i))["resumed_at_steps"][-1] for i in range(3)] == [480] * 3
     assert [read_summary(sweep / str(i))["steps"] for i in range(3)] == [540] * 3
+
+
+# ---------------------------------------------------------------- preemption inside submitit jobs
+def test_in_a_submitit_slurm_job_a_preempted_run_never_ends_with_a_result(monkeypatch):
+    """submitit records a job whose function returns as a success, and Hydra's launcher stops
+    waiting for it. After a signal the previous handler did not turn into a requeue-and-exit
+    (SIGTERM: submitit only logs it), dgrun's job must end without a result."""
+    from dgrun.preemption import PreemptionGuard
+
+    seen = []
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: (lambda *a: seen.append(sig)))
+    guard = PreemptionGuard()
+    with guard:
+        guard._handle(signal.SIGTERM, None)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    guard.forward()  # a plain run: the old handler is called, and the run returns
+    assert seen == [signal.SIGTERM]
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    with pytest.raises(SystemExit) as e:
+        guard.forward()
+    assert e.value.code == 128 + signal.SIGTERM and seen == [signal.SIGTERM] * 2

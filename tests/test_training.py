@@ -1,8 +1,6 @@
 """The loop's rules, in-process: stop rules, schedules, divergence, knobs, determinism."""
 from __future__ import annotations
 
-import math
-import pickle
 from pathlib import Path
 
 import numpy as np

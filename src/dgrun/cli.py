@@ -11,10 +11,7 @@ directory is created.
 """
 from __future__ import annotations
 
-import difflib
-import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,90 +40,18 @@ def fail(problem: str, fix: str = "") -> None:
     sys.exit(EXIT_USAGE)
 
 
-# ---------------------------------------------------------------- Hydra errors, in one line
-def _known_keys(cfg_node, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
+def _validate_command_line(args) -> None:
+    """Compose and validate every job this command line would run, before Hydra starts any."""
+    from dgrun.compose import expand
 
-    keys = []
-    for k in cfg_node.keys() if isinstance(cfg_node, DictConfig) else []:
-        full = f"{prefix}{k}"
-        keys.append(full)
-        try:
-            keys += _known_keys(cfg_node._get_node(k), full + ".")
-        except Exception:
-            pass
-    return keys
-
-
-def explain(error: BaseException, base_cfg=None) -> tuple[str, str]:
-    """Turn a Hydra/OmegaConf composition error into (problem, fix)."""
-    text = str(error)
-    cause = str(error.__cause__ or "")
-    both = text + "\n" + cause
-    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
-    if m:
-        group, choice = m.groups()
-        options = re.findall(r"^\t(\S+)$", text, re.M)
-        return (f"unknown {group} '{choice}'",
-                f"choose one of: {', '.join(options)}" if options else f"see `dgrun --help`")
-    m = re.search(r"Key '([^']+)' is not in struct", both) or re.search(
-        r"Could not override '([^']+)'", text)
-    if m:
-        full = re.search(r"full_key: (\S+)", both)
-        key = full.group(1) if full else m.group(1)
-        close = difflib.get_close_matches(key, _known_keys(base_cfg), n=1) if base_cfg else []
-        hint = f"did you mean {close[0]}? " if close else ""
-        return f"unknown config key '{key}'", f"{hint}`dgrun --cfg job` lists every key"
-    m = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", both)
-    if m:
-        full = re.search(r"full_key: (\S+)", both)
-        key = full.group(1) if full else "a value"
-        return f"{key}={m.group(1)} is not of type {m.group(2)}", f"give {key} a value of type {m.group(2).lower()}"
-    if "Ambiguous value for argument" in text:
-        return text.splitlines()[0], "add -m (--multirun) to sweep over several values"
-    first = next((line for line in text.splitlines() if line.strip()), type(error).__name__)
-    return first.strip(), "see `dgrun --help`"
-
-
-# ---------------------------------------------------------------- validation before Hydra runs
-def _compose_all(args, conf: Path) -> None:
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-
-    from dgrun.config import from_hydra
-
-    search_path = create_config_search_path(str(conf))
-    if args.config_dir:
-        extra = os.path.abspath(args.config_dir)
-        if not os.path.isdir(extra):
-            fail(f"--config-dir {extra} does not exist", "pass an existing directory")
-        search_path.prepend("command-line", f"file://{extra}")
-    hydra = Hydra.create_main_hydra2(task_name="dgrun", config_search_path=search_path)
-    name = args.config_name or "config"
+    if args.config_dir and not os.path.isdir(args.config_dir):
+        fail(f"--config-dir {os.path.abspath(args.config_dir)} does not exist",
+             "pass an existing directory")
     try:
-        base = hydra.compose_config(name, [], run_mode=RunMode.RUN)
-    except Exception:
-        base = None
-    try:
-        if args.multirun:
-            parsed = OverridesParser.create().parse_overrides(args.overrides)
-            combos = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
-        else:
-            combos = [list(args.overrides)]
-        for overrides in combos[:MAX_PREVALIDATED]:
-            mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
-            cfg = hydra.compose_config(name, overrides, run_mode=mode)
-            from_hydra(cfg)
+        expand(list(args.overrides), multirun=bool(args.multirun), config_dir_extra=args.config_dir,
+               config_name=args.config_name or "config", limit=MAX_PREVALIDATED)
     except UserError as e:
         fail(e.problem, e.fix)
-    except Exception as e:  # Hydra's and OmegaConf's composition errors
-        fail(*explain(e, base))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # ---------------------------------------------------------------- the training task
@@ -214,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         fail("only one of --run, --multirun, --cfg, --info and --shell-completion can be given",
              "drop -m to show the config of one job (dgrun --cfg job ...)")
     if not showing:
-        _compose_all(args, conf)
+        _validate_command_line(args)
     sys.argv = [sys.argv[0]] + argv
     _hydra_main(conf)()
 

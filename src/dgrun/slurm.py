@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dgrun.cli import config_dir, explain, fail
+from dgrun.cli import fail
 from dgrun.errors import UserError
 
 SBATCH_TIMEOUT_S = 120
@@ -147,44 +147,13 @@ def check_options(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the sweep
 def expand(overrides: list[str]) -> tuple[list[list[str]], str]:
     """Every task's overrides, as `dgrun -m` would run them, each validated; and hydra.sweep.dir."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
+    from dgrun import compose
 
-    from dgrun.config import from_hydra, register_schemas
-
-    register_schemas()
-    search_path = create_config_search_path(str(config_dir()))
-    hydra = Hydra.create_main_hydra2(task_name="dgrun", config_search_path=search_path)
-    base = None
     try:
-        base = hydra.compose_config("config", [], run_mode=RunMode.RUN)
-    except Exception:
-        pass
-    try:
-        # As Hydra's BasicSweeper does: the config's own sweep params first, then the command's.
-        master = hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
-        params = OmegaConf.select(master, "hydra.sweeper.params") or {}
-        arguments = [f"{k}={v}" for k, v in params.items()] + list(overrides)
-        parser_ = OverridesParser.create(config_loader=hydra.config_loader)
-        parsed = parser_.parse_overrides(arguments)
-        tasks = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
-        if len(tasks) > 200:
-            print(f"dgrun slurm: validating {len(tasks)} configs ...", file=sys.stderr)
-        for task in tasks:
-            from_hydra(hydra.compose_config("config", task, run_mode=RunMode.MULTIRUN))
-        sweep_dir = str(master.hydra.sweep.dir)
+        tasks, master = compose.expand(overrides, multirun=True)
     except UserError as e:
         fail(e.problem, e.fix)
-    except Exception as e:  # Hydra's and OmegaConf's composition errors
-        fail(*explain(e, base))
-    finally:
-        GlobalHydra.instance().clear()
-    return tasks, sweep_dir
+    return tasks, str(master.hydra.sweep.dir)
 
 
 def task_lines(tasks: list[list[str]]) -> list[str]:
