@@ -209,7 +209,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     from dgrun.data.corruption import CORRUPTIONS, PIXEL_CORRUPTIONS
     from dgrun.data import DATASETS
     from dgrun.data.pipeline import validate_pipeline
-    from dgrun.models import MODELS
+    from dgrun.models import MODELS, check_takes
     from dgrun.optim import OPTIMIZERS, SCHEDULERS
 
     raw = plain(cfg)
@@ -243,11 +243,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
 
     # A model that cannot take this data fails here, before anything is loaded.
     modality = DATASETS.tags(dataset.name).get("modality")
-    accepted = MODELS.tags(model.name).get("modalities", ())
-    if modality not in accepted:
-        takers = [n for n in MODELS.names() if modality in MODELS.tags(n).get("modalities", ())]
-        raise UserError(f"model '{model.name}' cannot take {modality} data from dataset "
-                        f"'{dataset.name}'", f"pick one of: {', '.join(takers)}")
+    check_takes(model.name, modality, source=f" from dataset '{dataset.name}'")
     if modality == "tokens" and corruption.name in PIXEL_CORRUPTIONS:
         raise UserError(f"corruption '{corruption.name}' needs image or vector data",
                         "use a label corruption for token datasets")

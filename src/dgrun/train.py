@@ -110,8 +110,10 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     clock = _Clock(state, device)
     # Only the generator the model draws from: torch.manual_seed would also seed every other
     # backend, at a cost of ~0.3 ms a step (it records a stack trace per lazy backend).
-    step_generator = (torch.cuda.default_generators[device.index or 0] if device.type == "cuda"
-                      else torch.default_generator)
+    step_generator = torch.default_generator
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        step_generator = torch.cuda.default_generators[index]
 
     def record() -> dict:
         clock.pause()

@@ -15,15 +15,18 @@ from dgrun.registry import Registry
 MODELS = Registry("model")
 
 
+def check_takes(name: str, modality: str, source: str = "") -> None:
+    """Fail with the models that can take `modality` data if `name` cannot."""
+    if modality not in MODELS.tags(name).get("modalities", ("image", "vector")):
+        takers = [n for n in MODELS.names()
+                  if modality in MODELS.tags(n).get("modalities", ("image", "vector"))]
+        raise UserError(f"model '{name}' cannot take {modality} data{source}",
+                        f"pick one of: {', '.join(takers) or 'none registered'}")
+
+
 def create(name: str, input_shape: tuple[int, ...], num_classes: int, modality: str,
            vocab_size: int | None = None, **options) -> nn.Module:
-    accepted = MODELS.tags(name).get("modalities", ("image", "vector"))
-    if modality not in accepted:
-        takers = [n for n in MODELS.names() if modality in MODELS.tags(n).get("modalities", ())]
-        raise UserError(
-            f"model '{name}' cannot take {modality} data (it takes {', '.join(accepted)})",
-            f"pick a model for {modality} data: {', '.join(takers) or 'none registered'}",
-        )
+    check_takes(name, modality)
     if modality == "tokens":
         options["vocab_size"] = vocab_size
     return MODELS.build(name, tuple(input_shape), num_classes, **options)
