@@ -1,16 +1,24 @@
 """The data contract every dataset fits: tensors plus the metadata models are sized from.
 
-image    x: (N, C, H, W), uint8 in 0..255 or float32 in 0..1 (the pipeline makes it float once)
+image    x: (N, C, H, W) pixels, uint8 in 0..255 or float32 in 0..1
 vector   x: (N, D) float32
 tokens   x: (N, T) int64 token ids below `meta.vocab_size`
 y is int64 (N,) class ids. `corrupted` marks rows a corruption changed (all False until then).
 `group` (optional) holds a per-row group id, e.g. (label, spurious attribute) for worst-group
-accuracy.
+accuracy. `stream` (optional) draws fresh training batches instead of indexing x: called as
+stream(step, batch_size, device) -> (x, y), deterministic in (seed, step); x and y then hold a
+fixed sample that evaluation measures.
+
+`Bundle.prepare` turns stored rows into model inputs, batch by batch (for images: pixels ->
+float -> the normalization fitted on the training split). Keeping pixels as stored lets the
+robustness probes corrupt and attack in pixel space, and keeps uint8 images small on the
+device. `Bundle.val` is an optional held-out split (e.g. the balanced set of last-layer
+retraining); corruption never touches it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +32,7 @@ class Split:
     y: Tensor
     corrupted: Optional[Tensor] = None
     group: Optional[Tensor] = None
+    stream: Optional[Callable[[int, int, torch.device], tuple[Tensor, Tensor]]] = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -36,7 +45,8 @@ class Split:
 
     def to(self, device: torch.device | str) -> "Split":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Split(move(self.x), move(self.y), move(self.corrupted), move(self.group))
+        return Split(move(self.x), move(self.y), move(self.corrupted), move(self.group),
+                     self.stream)
 
     def replace(self, **changes) -> "Split":
         return replace(self, **changes)
@@ -57,14 +67,24 @@ class Meta:
             raise ValueError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
 
 
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
 @dataclass
 class Bundle:
     train: Split
     test: Split
     meta: Meta
+    val: Optional[Split] = None
+    prepare: Callable[[Tensor], Tensor] = identity
 
     def to(self, device: torch.device | str) -> "Bundle":
-        return Bundle(self.train.to(device), self.test.to(device), self.meta)
+        val = None if self.val is None else self.val.to(device)
+        # A fitted normalization holds its statistics as tensors: they move with the data.
+        prepare = self.prepare.to(device) if hasattr(self.prepare, "to") else self.prepare
+        return replace(self, train=self.train.to(device), test=self.test.to(device), val=val,
+                       prepare=prepare)
 
     def replace(self, **changes) -> "Bundle":
         return replace(self, **changes)

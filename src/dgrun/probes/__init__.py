@@ -1,0 +1,31 @@
+"""Probe registry. A probe builder takes plain keyword options plus the run's context:
+
+    @PROBES.register("grokking")
+    def grokking(*, meta: Meta, seed: int, train_threshold: float = 0.99, ...) -> Probe
+
+`meta` (the dataset's Meta) and `seed` are passed by `build`; everything else comes from the
+config's `probes:` mapping (`probes.grokking.train_threshold=0.95`), which a `phenomenon`
+preset fills and users extend (`+probes.transitions={}`) or trim (`~probes.grokking`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from dgrun.data.bundle import Meta
+from dgrun.probes.base import Evaluation, Probe
+from dgrun.registry import Registry
+
+PROBES = Registry("probe")
+CONTEXT = ("meta", "seed")  # builder arguments that come from the run, never from a config
+
+__all__ = ["PROBES", "Evaluation", "Probe", "build"]
+
+
+def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Probe]:
+    """{name: options} -> probes, in the order given."""
+    probes = []
+    for name, options in specs.items():
+        probe = PROBES.build(name, meta=meta, seed=seed, **(options or {}))
+        probe.name = name
+        probes.append(probe)
+    return probes
