@@ -318,8 +318,13 @@ def test_real_sweep_then_report(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert made.returncode == 0, made.stderr[-3000:]
     assert "all 2 runs completed" in made.stdout
+    # 3 epochs fit neither: no test error at the threshold to plot (Fig. 1c), and both are
+    # listed as runs that did not fit.
+    assert "2 of 2 runs did not reach the interpolation threshold" in made.stdout
+    assert "test_error_vs_corruption.png skipped" in made.stdout
     table = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert table["prob"].tolist() == [0.0, 1.0] and table["steps"].tolist() == [36, 36]
     assert set(table["status"]) == {"completed"} and table["final_test_acc"].notna().all()
-    for name in ("learning_curves", "test_error_vs_corruption", "final_train_loss_vs_prob"):
+    for name in ("learning_curves", "final_train_loss_vs_prob"):
         assert (tmp_path / "out" / f"{name}.png").read_bytes()[:8] == PNG
+    assert not (tmp_path / "out" / "test_error_vs_corruption.png").exists()

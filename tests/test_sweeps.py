@@ -17,7 +17,7 @@ import torch
 
 from conftest import FAST, dgrun, read_metrics, read_summary
 from dgrun import cli, slurm
-from dgrun.run import resolve_device
+from dgrun.runtime import resolve_device
 
 # Long enough to be signalled mid-run (dropout: in-model randomness must survive the resume).
 LONG = ["model.dropout=0.1", "trainer.unit=step", "trainer.eval_every=5",
@@ -236,7 +236,7 @@ def test_a_sweep_job_hands_its_number_to_the_run(monkeypatch):
     from dgrun.config import register_schemas
 
     seen = []
-    monkeypatch.setattr(dgrun.run, "run", lambda cfg, run_dir, config, job_num=None:
+    monkeypatch.setattr(dgrun.run, "run", lambda cfg, run_dir, config, job_num=None, **kw:
                         seen.append(job_num) or {"final": {"test_acc": 1.0}})
     register_schemas()
     try:

@@ -326,4 +326,4 @@ def test_builders_use_the_default_root_and_expand_user(tmp_path, monkeypatch):
 def test_every_builder_takes_root_and_download():
     for name in ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "tiny_imagenet"):
         assert DATASETS.options(name) == ["root", "download"]
-        assert DATASETS.tags(name) == {"modality": "image"}
+        assert DATASETS.tags(name)["modality"] == "image"

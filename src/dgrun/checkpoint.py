@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any moment and can never run code.
 
 Writes go to a temporary file, are fsynced, then `os.replace`d over `last.pt` (the one before
-becomes `previous.pt`), so a kill mid-write always leaves a complete checkpoint behind. Each
+becomes `previous.pt`; see dgrun.files), so a kill mid-write always leaves a complete checkpoint behind. Each
 file carries a digest of its own contents: a truncated or bit-flipped file is detected on load,
 and the newest good file is used instead. Loading uses `torch.load(weights_only=True)`.
 """
@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from dgrun.errors import UserError
+from dgrun.files import fsync_dir, write_atomic
 
 LAST, PREVIOUS = "last.pt", "previous.pt"
 SNAPSHOT = re.compile(r"step_(\d+)\.pt$")
@@ -46,39 +47,24 @@ def _digest(obj: Any, h=None) -> str:
     return h.hexdigest() if top else ""
 
 
-def _write_atomic(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(payload: dict, directory: Path, snapshot_step: Optional[int] = None) -> Path:
+    """Write `last.pt` (the one before becomes `previous.pt`) and optionally a snapshot."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "digest": _digest(payload)}
+    write = lambda f: torch.save(payload, f)  # noqa: E731
     last = directory / LAST
-    tmp = directory / f".{LAST}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    fresh = write_atomic(directory / f".{LAST}.new", write)
     if last.exists():
         os.replace(last, directory / PREVIOUS)
-    os.replace(tmp, last)
+    os.replace(fresh, last)
     if snapshot_step is not None:
-        _write_atomic(payload, directory / f"step_{snapshot_step:08d}.pt")
-    _fsync_dir(directory)
+        write_atomic(snapshot_path(directory, snapshot_step), write)
+    fsync_dir(directory)
     return last
+
+
+def snapshot_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
 
 
 def load_file(path: Path, map_location: str | torch.device = "cpu") -> dict:

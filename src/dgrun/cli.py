@@ -12,27 +12,24 @@ directory is created.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from dgrun.config import register_schemas
+from dgrun.config import config_dir, register_schemas
 from dgrun.errors import UserError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 MAX_PREVALIDATED = 256  # sweeps larger than this are validated job by job instead
 
-
-def config_dir() -> Path:
-    """The shipped configs: `dgrun/conf` in an installed wheel, the repo's `conf/` in a checkout."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return packaged
-    checkout = Path(__file__).resolve().parents[2] / "conf"
-    if checkout.is_dir():
-        return checkout
-    raise SystemExit("dgrun: error: the config directory is missing from this installation; "
-                     "reinstall dgrun")
+# The nearest folder above the run directory that existed before this command: a run refused
+# before training removes the folders it created (outputs/DATE/TIME) up to there, no further.
+_existing_ancestor: Optional[Path] = None
+_run_dir: Optional[Path] = None  # the job's directory, once Hydra has made it
 
 
 def fail(problem: str, fix: str = "") -> None:
@@ -41,39 +38,76 @@ def fail(problem: str, fix: str = "") -> None:
 
 
 def _validate_command_line(args) -> None:
-    """Compose and validate every job this command line would run, before Hydra starts any."""
+    """Compose and validate every job this command line would run, before Hydra starts any,
+    and check that the run (or sweep) directory can be made."""
+    global _existing_ancestor
+    from omegaconf import OmegaConf
+
     from dgrun.compose import expand
 
     if args.config_dir and not os.path.isdir(args.config_dir):
         fail(f"--config-dir {os.path.abspath(args.config_dir)} does not exist",
              "pass an existing directory")
     try:
-        expand(list(args.overrides), multirun=bool(args.multirun), config_dir_extra=args.config_dir,
-               config_name=args.config_name or "config", limit=MAX_PREVALIDATED)
+        _, master = expand(list(args.overrides), multirun=bool(args.multirun),
+                           config_dir_extra=args.config_dir,
+                           config_name=args.config_name or "config", limit=MAX_PREVALIDATED)
     except UserError as e:
         fail(e.problem, e.fix)
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    try:
+        target = Path(os.path.abspath(str(OmegaConf.select(master, key))))
+    except Exception:  # an interpolation only Hydra's job context can resolve
+        return
+    _existing_ancestor = next(p for p in (target, *target.parents) if p.exists())
+    if not _existing_ancestor.is_dir():
+        fail(f"cannot make {key}={target}: {_existing_ancestor} is a file",
+             f"choose another {key}")
+    if _existing_ancestor != target:
+        try:  # a folder that cannot be made (/proc/x, a read-only disk) fails here, not in Hydra
+            os.rmdir(tempfile.mkdtemp(dir=_existing_ancestor, prefix=".dgrun-check-"))
+        except OSError as e:
+            fail(f"cannot make {key}={target}: {e.strerror}", f"choose a writable {key}")
 
 
 # ---------------------------------------------------------------- the training task
 def _cleanup_fresh_dir(run_dir: Path) -> None:
     """A run that failed before training leaves no half-written directory behind.
 
-    Only what Hydra wrote for this job is removed, and only when no run record exists yet: a
+    Only what dgrun wrote for this job is removed, and only when no run record exists: a
     user's own directory (`hydra.run.dir=.`) and earlier results are never touched.
     """
-    from dgrun.run import RECORD_FILES
+    from dgrun.rundir import RunDir
 
-    if any((run_dir / f).exists() for f in RECORD_FILES):
+    record = RunDir(run_dir)
+    if record.has_record():
         return
-    import shutil
-
-    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-    for log_file in run_dir.glob("dgrun.log"):
+    record.clear()
+    log_file = run_dir / "dgrun.log"
+    if log_file.is_file():
         log_file.unlink()
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
+    for folder in (run_dir, *run_dir.parents):
+        if _existing_ancestor is None or folder == _existing_ancestor or \
+                _existing_ancestor not in folder.parents:
+            break
+        try:
+            folder.rmdir()  # only if empty: a folder holding anything stays
+        except OSError:
+            break
+
+
+def write_hydra_record(record, hydra_cfg, cfg) -> None:
+    """`.hydra/` as Hydra would write it, but only once the run is going to train.
+
+    The root config sets `hydra.output_subdir: null`, so Hydra itself writes nothing into the
+    run directory: a command refused there (another config) leaves the record as it was.
+    """
+    from omegaconf import OmegaConf
+
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
+    for name, node in files.items():
+        OmegaConf.save(node, record.claim(record.hydra / name))
 
 
 def train_task(cfg) -> Optional[float]:
@@ -83,18 +117,22 @@ def train_task(cfg) -> Optional[float]:
     from dgrun.config import from_hydra, plain
     from dgrun.run import run
 
+    global _run_dir
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = _run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
-        summary = run(from_hydra(cfg), run_dir, plain(cfg), job_num=job_num)
+        summary = run(from_hydra(cfg), run_dir, plain(cfg),
+                      job_num=hydra_cfg.job.num if multirun else None,
+                      overrides=list(hydra_cfg.overrides.task),
+                      on_start=lambda record: write_hydra_record(record, hydra_cfg, cfg))
     except UserError as e:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if multirun:
             # In a sweep the other jobs go on: record this one as failed, for the report.
-            from dgrun.metrics import write_json
+            from dgrun.files import write_json
 
             print(f"dgrun: error: job {hydra_cfg.job.num}: {e}", file=sys.stderr)
-            if not (run_dir / "summary.json").exists():
+            if run_dir.is_dir() and not (run_dir / "summary.json").exists():
                 write_json(run_dir / "summary.json", {"status": "failed", "error": str(e)})
             raise
         _cleanup_fresh_dir(run_dir)
@@ -120,7 +158,31 @@ SUBCOMMANDS: dict[str, str] = {  # name -> "module:function", dispatched before 
 }
 
 
+def _interrupted(signum=None, frame=None) -> None:
+    """Ctrl-C outside training (imports, composition, data loading): one line, no traceback,
+    no half-made run directory. Training has its own handler (dgrun.preemption), which
+    checkpoints first.
+
+    It ends the process at once, from the signal handler itself: a KeyboardInterrupt raised in
+    the middle of an import can be swallowed there and resurface as an unrelated error."""
+    if _run_dir is not None:
+        _cleanup_fresh_dir(_run_dir)
+    print("dgrun: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C during training
+        _interrupted()
+
+
+def _main(argv: Optional[list[str]]) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
@@ -129,7 +191,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(getattr(importlib.import_module(module), func)(argv[1:]))
 
     register_schemas()
-    conf = config_dir()
+    try:
+        conf = config_dir()
+    except UserError as e:
+        fail(e.problem, e.fix)
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)

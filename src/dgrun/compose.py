@@ -71,8 +71,7 @@ def expand(overrides: list[str], *, multirun: bool = True,
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
-    from dgrun.cli import config_dir
-    from dgrun.config import from_hydra, register_schemas
+    from dgrun.config import config_dir, from_hydra, register_schemas
 
     register_schemas()
     search_path = create_config_search_path(str(config_dir()))

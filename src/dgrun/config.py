@@ -11,12 +11,25 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dgrun.errors import UserError
+
+
+def config_dir() -> Path:
+    """The shipped configs: `dgrun/conf` in an installed wheel, the repo's `conf/` in a checkout
+    (where an editable install would otherwise read a stale copy)."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if checkout.is_dir():
+        return checkout
+    raise UserError("the config directory is missing from this installation", "reinstall dgrun")
 
 
 @dataclass
@@ -36,6 +49,9 @@ class TrainerConfig:
     loss: str = "cross_entropy"          # cross_entropy | mse
     label_smoothing: float = 0.0
     grad_clip: Optional[float] = None    # max global gradient norm
+    stall_patience: Optional[int] = None  # stop (stalled) after this many evaluations without
+    stall_min_delta: float = 0.01        # a new best train acc or a train loss this much lower
+    min_lr: Optional[float] = None       # stop (stalled) once the lr has decayed below this
     checkpoint_every: int = 0            # 0: only at the threshold, on signals and at the end
     snapshots: str = "none"              # none | log | every: extra checkpoints kept for analysis
     resume: bool = True
@@ -48,6 +64,8 @@ class CorruptionConfig:
     name: str = "none"
     prob: float = 0.0
     apply_to_test: bool = True
+    seed: Optional[int] = None           # null: the run's seed. Set it to hold the corrupted
+                                         # data fixed while the initialization seed varies
 
 
 @dataclass
@@ -62,21 +80,39 @@ class RootSchema:
     optimizer: Any = field(default_factory=dict)
     scheduler: Any = field(default_factory=dict)
     phenomenon: Any = field(default_factory=dict)
+    probes: Any = field(default_factory=dict)  # {probe name: its options}; presets fill it
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-# Zhang et al. 2017 train Inception at lr 0.1 and AlexNet and the MLPs at 0.01.
+# Zhang et al. 2017 train Inception at lr 0.1 and AlexNet and the MLPs at 0.01, with SGD. The
+# paper gives no lr for other optimizers: those keep the usual default for Adam(W).
 ZHANG_LR = {"inception": 0.1}
+ADAM_LR = 1e-3
+# ... and crop CIFAR's 32x32 images to the centre 28x28 (Table 1's sizes are at 28x28x3).
+ZHANG_CROP = {32: 28}
 
 
-def zhang_lr(model_name: str) -> float:
+def zhang_lr(model_name: str, optimizer_name: str = "sgd") -> float:
+    if optimizer_name != "sgd":
+        return ADAM_LR
     return ZHANG_LR.get(model_name, 0.01)
+
+
+def zhang_crop(dataset_name: str) -> Optional[int]:
+    """28 for a dataset registered with 32x32 images, else null (no crop)."""
+    from dgrun.data import DATASETS
+
+    if dataset_name not in DATASETS:
+        return None
+    size = DATASETS.tags(dataset_name).get("image_size")
+    return ZHANG_CROP.get(size)
 
 
 def register_schemas() -> None:
     ConfigStore.instance().store(name="dgrun_schema", node=RootSchema)
-    if not OmegaConf.has_resolver("dgrun.zhang_lr"):
-        OmegaConf.register_new_resolver("dgrun.zhang_lr", zhang_lr)
+    for name, resolver in (("dgrun.zhang_lr", zhang_lr), ("dgrun.zhang_crop", zhang_crop)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 # Keys of the dataset section that the data pipeline consumes; the rest go to the loader.
@@ -107,7 +143,12 @@ class RunConfig:
     optimizer: Component
     scheduler: Component
     phenomenon: dict[str, Any]
+    probes: list[Component]
     trainer: TrainerConfig
+
+    @property
+    def corruption_seed(self) -> int:
+        return self.seed if self.corruption.seed is None else self.corruption.seed
 
 
 # Value ranges, checked before anything is built. (low, high, low_inclusive, high_inclusive)
@@ -133,6 +174,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "trainer.label_smoothing": (0.0, 1.0, True, False),
     "trainer.grad_clip": (0.0, math.inf, False, False),
     "trainer.checkpoint_every": (0, math.inf, True, False),
+    "trainer.stall_patience": (1, math.inf, True, False),
+    "trainer.stall_min_delta": (0.0, 1.0, True, False),
+    "trainer.min_lr": (0.0, math.inf, True, False),
     "trainer.log_every_s": (0.0, math.inf, False, False),
     "threads": (1, math.inf, True, False),
 }
@@ -176,19 +220,20 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _component(section: str, node: Any, registry, skip: tuple[str, ...] = ("name",)) -> Component:
+def _component(section: str, node: Any, registry, skip: tuple[str, ...] = ("name",),
+               label: Optional[str] = None, reserved: frozenset = frozenset()) -> Component:
     if not isinstance(node, dict) or "name" not in node:
         raise UserError(f"the {section} config has no 'name'", f"pick one with {section}=NAME")
     name = node["name"]
     builder = registry.get(name)
     params = inspect.signature(builder).parameters
-    allowed = set(registry.options(name)) - RESERVED
+    allowed = set(registry.options(name)) - RESERVED - reserved
     options = {}
     for key, value in node.items():
         if key in skip:
             continue
         if key not in allowed:
-            raise UserError(f"{section} '{name}' has no option '{key}'",
+            raise UserError(f"{label or f'{section} {name!r}'} has no option '{key}'",
                             f"its options are: {', '.join(sorted(allowed)) or 'none'}")
         full = f"{section}.{key}"
         value = _coerce(full, value, params[key].default)
@@ -230,14 +275,22 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         raise UserError(f"device={device!r} is not a device", "use auto, cpu, cuda or cuda:N")
 
     corruption = CorruptionConfig(**raw["corruption"])
-    CORRUPTIONS.get(corruption.name)
+    corruption.prob = float(corruption.prob)
     _check_range("corruption.prob", corruption.prob)
+    applied = CORRUPTIONS.tags(corruption.name).get("applied_prob")
+    if applied is not None and corruption.prob != applied:
+        fix = ("drop corruption.prob: pixel corruptions change every image"
+               if corruption.name in PIXEL_CORRUPTIONS else
+               "use corruption=partial_labels corruption.prob=P to redraw a fraction P of labels")
+        raise UserError(f"corruption '{corruption.name}' always applies with prob {applied:g}; "
+                        f"corruption.prob={corruption.prob:g} would be ignored", fix)
 
     dataset_node = dict(raw["dataset"])
     pipeline = {k: dataset_node.get(k) for k in PIPELINE_KEYS if k != "name"}
     dataset = _component("dataset", dataset_node, DATASETS, skip=PIPELINE_KEYS)
     validate_pipeline(**pipeline)
     model = _component("model", raw["model"], MODELS)
+    probes = _probes(raw.get("probes") or {})
     optimizer = _component("optimizer", raw["optimizer"], OPTIMIZERS)
     scheduler = _component("scheduler", raw["scheduler"], SCHEDULERS)
 
@@ -251,5 +304,23 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         seed=int(raw["seed"]), device=device, threads=raw.get("threads"),
         deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
         corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
-        phenomenon=dict(raw.get("phenomenon") or {}), trainer=trainer,
+        phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, trainer=trainer,
     )
+
+
+def _probes(node: Any) -> list[Component]:
+    from dgrun.probes import CONTEXT, PROBES
+
+    if not isinstance(node, dict):
+        raise UserError(f"probes must be a mapping of probe names to options, not {node!r}",
+                        "e.g. +probes.transitions={}")
+    out = []
+    for name, options in node.items():
+        if options is None:  # `probes.transitions: null` switches a preset's probe off
+            continue
+        if not isinstance(options, dict):
+            raise UserError(f"probes.{name} must be a mapping of options, not {options!r}",
+                            f"e.g. +probes.{name}={{}}")
+        out.append(_component(f"probes.{name}", {"name": name, **options}, PROBES,
+                              label=f"probe '{name}'", reserved=frozenset(CONTEXT)))
+    return out

@@ -1,45 +1,53 @@
-"""The run directory's record: metrics.csv (a row per evaluation) and summary.json.
+"""metrics.csv: one row per evaluation, appended as the run goes.
 
-metrics.csv is appended as the run goes, so a crashed run still shows its curve; on resume it
-is rewritten from the checkpoint's rows, dropping rows the killed process wrote after its last
-checkpoint (the resumed run measures them again, identically).
+A crashed run still shows its curve. On resume the file is rewritten from the checkpoint's rows,
+dropping rows the killed process wrote after its last checkpoint (the resumed run measures them
+again, identically). A column that first appears in a later row (a probe that measures every
+tenth evaluation) rewrites the file once with the wider header.
 """
 from __future__ import annotations
 
 import csv
-import json
-import os
+import io
 import platform
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from dgrun.files import write_atomic
+
 COLUMNS = ["step", "epoch", "time_s", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
            "train_acc_clean", "train_acc_corrupted", "weight_norm"]
-STATUSES = ("running", "completed", "stopped", "diverged", "preempted", "failed")
 
 
 class MetricsFile:
     def __init__(self, path: Path):
         self.path = path
+        self.rows: list[dict] = []
         self.columns: Optional[list[str]] = None
 
     def rewrite(self, rows: list[dict]) -> None:
-        self.columns = None
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("")
-        os.replace(tmp, self.path)
-        for row in rows:
-            self.append(row)
+        self.rows = list(rows)
+        self.columns = self._columns(self.rows)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        if self.columns:
+            writer.writerow(self.columns)
+            writer.writerows([_fmt(r.get(c)) for c in self.columns] for r in self.rows)
+        write_atomic(self.path, lambda f: f.write(buffer.getvalue().encode()), fsync=False)
 
     def append(self, row: dict) -> None:
-        if self.columns is None:
-            extras = [k for k in row if k not in COLUMNS]
-            self.columns = [c for c in COLUMNS if c in row] + extras
-            with open(self.path, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+        if self.columns is None or any(k not in self.columns for k in row):
+            self.rewrite(self.rows + [row])
+            return
+        self.rows.append(row)
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in self.columns])
+
+    @staticmethod
+    def _columns(rows: list[dict]) -> list[str]:
+        seen = dict.fromkeys(k for r in rows for k in r)
+        return [c for c in COLUMNS if c in seen] + [k for k in seen if k not in COLUMNS]
 
 
 def _fmt(value: Any) -> Any:
@@ -58,13 +66,3 @@ def versions() -> dict[str, str]:
     return {"dgrun": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "numpy": numpy.__version__, "hydra": hydra.__version__,
             "platform": platform.platform()}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import matplotlib
 
@@ -20,7 +20,8 @@ def _axis(ax, rows: list[dict], key: str, label: str, log_x: bool):
 
 
 def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[int] = None,
-             log_x: bool = False, title: str = "") -> list[Path]:
+             log_x: bool = False, title: str = "",
+             marks: Sequence[tuple[int, str]] = ()) -> list[Path]:
     if not rows:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,9 @@ def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[in
         if interpolation_step is not None:
             ax.axvline(interpolation_step, color="grey", linestyle="--", linewidth=1,
                        label=f"interpolation (step {interpolation_step})")
+        for i, (step, label) in enumerate(marks):
+            ax.axvline(step, color=f"C{i + 4}", linestyle=":", linewidth=1.2,
+                       label=f"{label} (step {step})")
         if log_x:
             ax.set_xscale("log")
         if name == "loss":

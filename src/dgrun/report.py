@@ -24,18 +24,19 @@ import pandas as pd
 import yaml
 
 from dgrun.errors import UserError
+from dgrun.status import HAS_FINAL_NUMBERS as FINISHED
+from dgrun.stopping import interpolates
 
 EXIT_USAGE = 2
 MARKERS = (".hydra/config.yaml", "summary.json", "metrics.csv")
-STANDARD = ("dataset", "model", "corruption", "prob", "seed")
+STANDARD = ("dataset", "model", "corruption", "prob", "seed", "corruption_seed")
 # Override keys that name the same thing as a standard column (`corruption.prob=0,0.5` is `prob`).
 ALIASES = {"corruption.prob": "prob", "corruption.name": "corruption", "model.name": "model",
-           "dataset.name": "dataset"}
-FINISHED = ("completed", "stopped")  # runs whose final numbers are final
+           "dataset.name": "dataset", "corruption.seed": "corruption_seed"}
 RUN_FIELDS = ("status", "stop_reason", "steps", "epochs", "time_s", "params")
 INTERPOLATION = ("reached", "step", "epoch", "time_s")
 HANDLED = {*RUN_FIELDS, "final", "interpolation", "transitions", "error", "seed", "dataset",
-           "model", "corruption", "versions", "resumed_at_steps"}
+           "model", "corruption", "versions", "resumed_at_steps", "config", "overrides"}
 
 
 # ---------------------------------------------------------------- finding run directories
@@ -122,22 +123,20 @@ def read_metrics(path: Path) -> Optional[pd.DataFrame]:
 
 def interpolation_from_metrics(curve: pd.DataFrame, trainer: dict) -> dict:
     """For a run whose summary is not written yet: the first evaluation that fit the data."""
-    if trainer.get("interpolation_loss") is not None and "train_loss" in curve:
-        fits = curve["train_loss"] <= trainer["interpolation_loss"]
-    elif "train_acc" in curve:
-        fits = curve["train_acc"] >= trainer.get("interpolation_threshold", 1.0)
-    else:
-        return {"reached": False}
-    if not fits.any():
-        return {"reached": False}
-    first = curve[fits].iloc[0]
-    return {"reached": True, **{k: first.get(k) for k in ("step", "epoch", "time_s")}}
+    threshold = trainer.get("interpolation_threshold", 1.0)
+    loss = trainer.get("interpolation_loss")
+    for _, row in curve.iterrows():
+        if interpolates(row.to_dict(), threshold, loss):
+            return {"reached": True, **{k: v for k, v in row.items() if k != "lr"}}
+    return {"reached": False}
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
-    """One run -> (swept values, the table row, its metrics curve or None)."""
-    config = read_yaml(run_dir / ".hydra" / "config.yaml") or {}
-    swept = parse_overrides(read_yaml(run_dir / ".hydra" / "overrides.yaml") or [], config)
+    """One run -> (swept values, the table row, its metrics curve or None).
+
+    A run is described by what it ran: the config and overrides stored in its summary.json
+    (written with its checkpoints), and only for runs without one by `.hydra/`.
+    """
     curve = read_metrics(run_dir / "metrics.csv")
     summary, problem = {}, None
     if (run_dir / "summary.json").is_file():
@@ -145,13 +144,20 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
             summary = json.loads((run_dir / "summary.json").read_text())
         except (OSError, ValueError) as e:
             problem = f"summary.json unreadable: {e}"
+    config = summary.get("config") or read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    overrides = summary.get("overrides")
+    if overrides is None:
+        overrides = read_yaml(run_dir / ".hydra" / "overrides.yaml") or []
+    swept = parse_overrides(overrides, config)
     corruption = summary.get("corruption") or {}
     row: dict[str, Any] = {
-        "dataset": lookup(config, "dataset") or summary.get("dataset"),
-        "model": lookup(config, "model") or summary.get("model"),
-        "corruption": lookup(config, "corruption") or corruption.get("name"),
-        "prob": _first(lookup(config, "corruption.prob"), corruption.get("prob")),
-        "seed": _first(config.get("seed"), summary.get("seed")),
+        "dataset": summary.get("dataset") or lookup(config, "dataset"),
+        "model": summary.get("model") or lookup(config, "model"),
+        "corruption": corruption.get("name") or lookup(config, "corruption"),
+        "prob": _first(corruption.get("prob"), lookup(config, "corruption.prob")),
+        "seed": _first(summary.get("seed"), config.get("seed")),
+        "corruption_seed": _first(corruption.get("seed"), lookup(config, "corruption.seed"),
+                                  summary.get("seed"), config.get("seed")),
         "status": summary.get("status") or ("unknown" if not summary else "running"),
     }
     row.update({k: summary.get(k) for k in RUN_FIELDS[1:]})
@@ -164,6 +170,8 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
         interpolation = interpolation_from_metrics(curve, config.get("trainer") or {})
     row.update({f"final_{k}": _number(v) for k, v in final.items()})
     row.update({f"interpolation_{k}": interpolation.get(k) for k in INTERPOLATION})
+    row.update({f"interpolation_{k}": _number(v) for k, v in interpolation.items()
+                if k not in INTERPOLATION and k != "lr" and _is_scalar(v)})
     row["interpolation_reached"] = bool(interpolation.get("reached"))
     for key, value in (summary.get("transitions") or {}).items():
         if _is_scalar(value):
@@ -229,12 +237,22 @@ def _as_int(column: pd.Series) -> pd.Series:
 def swept_columns(table: pd.DataFrame, override_keys: list[str]) -> list[str]:
     """The parameters that vary across runs (the seed is the axis averaged over, not one)."""
     candidates = dict.fromkeys([ALIASES.get(k, k) for k in override_keys] + list(STANDARD))
-    return [c for c in candidates if c != "seed" and c in table
+    seeds = {"seed"}
+    if "corruption_seed" in table and (table["corruption_seed"].astype(str)
+                                       == table["seed"].astype(str)).all():
+        seeds.add("corruption_seed")  # follows the seed: not a parameter of its own
+    return [c for c in candidates if c not in seeds and c in table
             and table[c].astype(str).nunique() > 1]
 
 
 def not_completed(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["status"].isin(FINISHED)]
+
+
+def did_not_fit(table: pd.DataFrame) -> pd.DataFrame:
+    """Runs that ended by their own rules without reaching the interpolation threshold."""
+    ended = table[table["status"].isin(FINISHED)]
+    return ended[~ended["interpolation_reached"].astype(bool)]
 
 
 def why(row: pd.Series) -> str:
@@ -290,6 +308,13 @@ def print_summary(table: pd.DataFrame, swept: list[str]) -> None:
                           soft_wrap=True)
     else:
         console.print(f"all {len(table)} runs completed")
+    missed = did_not_fit(table)
+    if len(missed):
+        console.print(f"[bold]{len(missed)} of {len(table)} runs did not reach the "
+                      f"interpolation threshold:[/]")
+        for _, row in missed.iterrows():
+            console.print(f"  {row['run']}: {row['status']} ({why(row)})", markup=False,
+                          soft_wrap=True)
 
 
 def _cell(value) -> str:

@@ -1,42 +1,40 @@
-"""One run, assembled: validated config -> run directory, components, training, record.
+"""One run, assembled: decide -> build -> fit -> record.
 
-The only module that knows both the config and the components. Everything it builds takes
-plain arguments, so `train.fit` and the builders are usable from Python without Hydra.
+    decide   from the run directory alone: fresh, resume, continue, finished, or refused
+             (dgrun.resume), before any data is read or any file is touched
+    build    data, model, optimizer, schedule, objective, probes, the plan (all plain
+             arguments: each builder is usable from Python without Hydra)
+    fit      dgrun.train.fit, with a Recorder as its hooks
+    record   summary.json, plots (dgrun.record)
+
+The only module that knows both the config and the components.
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import time
-from dataclasses import asdict
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from dgrun import checkpoint, models, optim, progress
+from dgrun import models, optim, probes, progress, runtime
 from dgrun.config import RunConfig, TrainerConfig
 from dgrun.data import augment as augmentation
 from dgrun.data import pipeline
-from dgrun.errors import UserError
+from dgrun.data.bundle import Bundle
 from dgrun.losses import LOSSES
-from dgrun.metrics import MetricsFile, read_json, versions, write_json
-from dgrun.plots import plot_run
 from dgrun.preemption import PreemptionGuard
-from dgrun.seeding import rng_state, seed_everything, set_rng_state
+from dgrun.record import Facts, Recorder
+from dgrun.resume import decide
+from dgrun.rundir import RunDir
+from dgrun.seeding import seed_everything, set_rng_state
+from dgrun.status import FAILED, PREEMPTED
 from dgrun.train import Plan, State, fit
 
 log = logging.getLogger("dgrun")
-
-# Keys a resumed run may change: the budget and how the run is watched, not what it computes.
-RESUMABLE_KEYS = {
-    "trainer.max_steps", "trainer.max_epochs", "trainer.max_time_s", "trainer.checkpoint_every",
-    "trainer.snapshots", "trainer.progress", "trainer.log_every_s", "trainer.resume",
-    "trainer.stop_at_interpolation", "trainer.eval_batch_size", "device", "threads",
-}
-RECORD_FILES = ("metrics.csv", "summary.json", "plots", "checkpoints")
-FINISHED = ("completed", "diverged")
 
 
 def log_points(per_decade: int, limit: int = 10**12) -> set[int]:
@@ -69,190 +67,151 @@ def make_plan(t: TrainerConfig, n_train: int, seed: int) -> tuple[Plan, set[int]
                 stop_at_interpolation=t.stop_at_interpolation,
                 interpolation_threshold=t.interpolation_threshold,
                 interpolation_loss=t.interpolation_loss, grad_clip=t.grad_clip,
-                eval_batch_size=t.eval_batch_size, max_steps_reason=reason)
+                eval_batch_size=t.eval_batch_size, max_steps_reason=reason,
+                stall_patience=t.stall_patience, stall_min_delta=t.stall_min_delta,
+                min_lr=t.min_lr)
     return plan, snapshot_points
 
 
-def resolve_device(name: str, job_num: Optional[int] = None) -> torch.device:
-    """`auto`: the GPU if there is one. In a sweep (job_num set) with several visible GPUs, job
-    k takes cuda:(k % count), so jobs run in parallel (hydra/launcher=local) spread over them."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        count = torch.cuda.device_count()
-        if job_num is not None and count > 1:
-            return torch.device(f"cuda:{job_num % count}")
-        return torch.device("cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible", "use device=cpu or auto")
-    return torch.device(name)
+@dataclass
+class Parts:
+    """Everything `fit` needs, built from the config."""
+    bundle: Bundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    objective: Callable
+    eval_loss: Callable
+    augment: Optional[Callable]
+    probes: list[probes.Probe]
+    plan: Plan
+    snapshot_points: set[int]
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        full = f"{prefix}{k}"
-        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, full + ".")
-        elif a != b and full not in RESUMABLE_KEYS:
-            out.append(f"{full}: {a} -> {b}")
-    return out
-
-
-class Recorder:
-    """The loop's hooks: where rows, checkpoints, progress and stop requests go."""
-
-    def __init__(self, run_dir: Path, model, optimizer, scheduler, config: dict,
-                 snapshots: str, snapshot_points: set[int], bar, guard: PreemptionGuard):
-        self.run_dir, self.model, self.optimizer, self.scheduler = run_dir, model, optimizer, scheduler
-        self.config, self.snapshots, self.snapshot_points = config, snapshots, snapshot_points
-        self.bar, self.guard = bar, guard
-        self.metrics = MetricsFile(run_dir / "metrics.csv")
-
-    def on_step(self, state: State) -> None:
-        self.bar.step(state.step)
-
-    def on_eval(self, state: State, row: dict) -> None:
-        self.metrics.append(row)
-        self.bar.eval(row)
-
-    def save(self, state: State, reason: str) -> None:
-        # "log" keeps its log-spaced steps plus the threshold, the end and preemption points.
-        keep = {"none": False, "every": True,
-                "log": state.step in self.snapshot_points or reason != "periodic"}[self.snapshots]
-        snapshot = state.step if keep else None
-        payload = {"state": asdict(state), "model": self.model.state_dict(),
-                   "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                   "config": self.config}
-        checkpoint.save(payload, self.run_dir / "checkpoints", snapshot_step=snapshot)
-
-    def stop_requested(self) -> Optional[str]:
-        return self.guard.signal_name
-
-
-def clear_record(run_dir: Path) -> None:
-    """trainer.resume=false in a used directory: the user asked for a fresh run there."""
-    for name in RECORD_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def summarize(cfg: RunConfig, state: State, params: int, started: float, extra: dict) -> dict:
-    final = {k: v for k, v in (state.rows[-1] if state.rows else {}).items()
-             if k not in ("step", "epoch", "time_s", "lr")}
-    return {
-        "status": state.status, "stop_reason": state.stop_reason,
-        "steps": state.step, "epochs": extra.get("epochs"), "time_s": state.train_time_s,
-        "params": params, "final": final, "interpolation": state.interpolation,
-        "seed": cfg.seed, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "corruption": {"name": cfg.corruption.name, "prob": cfg.corruption.prob},
-        "optimizer": cfg.optimizer.name, "device": extra.get("device"),
-        "wall_s": time.time() - started, "resumed_at_steps": extra.get("resumed_at_steps", []),
-        "versions": versions(), **({"error": extra["error"]} if "error" in extra else {}),
-    }
-
-
-def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any],
-        job_num: Optional[int] = None) -> dict:
-    """Train one run into `run_dir` (resuming from its checkpoint if there is one).
-
-    job_num: the job's number in a sweep (picks its GPU when several are visible).
-    """
-    started = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    t = cfg.trainer
-    payload = None
-    if t.resume:
-        payload = checkpoint.load_latest(run_dir / "checkpoints")
-        if payload is not None:
-            diffs = config_differences(payload["config"], config)
-            if diffs:
-                raise UserError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)})",
-                                "use a new hydra.run.dir, or trainer.resume=false to start over there")
-    elif any((run_dir / f).exists() for f in RECORD_FILES):
-        log.warning("trainer.resume=false: replacing the previous run's record in %s", run_dir)
-        clear_record(run_dir)
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    device = resolve_device(cfg.device, job_num)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # so defaults (streams, events, synchronize) use it too
-    seed_everything(cfg.seed)
-    bundle = pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.seed,
+def build(cfg: RunConfig, device: torch.device) -> Parts:
+    bundle = pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
                            corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                            apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
     meta = bundle.meta
+    augment = augmentation.build(cfg.pipeline.get("augment"), seed=cfg.seed,
+                                 modality=meta.modality, input_shape=meta.input_shape)
     model = models.create(cfg.model.name, meta.input_shape, meta.num_classes, meta.modality,
                           vocab_size=meta.vocab_size, **cfg.model.options).to(device)
-    params = models.count_params(model)
-    plan, snapshot_points = make_plan(t, len(bundle.train), cfg.seed)
+    plan, snapshot_points = make_plan(cfg.trainer, len(bundle.train), cfg.seed)
     optimizer, scheduler = optim.build(model, cfg.optimizer.name, cfg.optimizer.options,
                                        cfg.scheduler.name, cfg.scheduler.options,
                                        steps_per_epoch=plan.steps_per_epoch,
                                        total_steps=plan.max_steps)
-    loss_fn, eval_loss = LOSSES.build(t.loss, label_smoothing=t.label_smoothing)
-    augment = augmentation.build(cfg.pipeline.get("augment"), seed=cfg.seed, modality=meta.modality)
+    loss, eval_loss = LOSSES.build(cfg.trainer.loss, label_smoothing=cfg.trainer.label_smoothing)
+    objective = lambda out, y, rows: loss(out, y)  # noqa: E731
+    probe_list = probes.build({p.name: p.options for p in cfg.probes}, meta=meta, seed=cfg.seed)
+    return Parts(bundle, model, optimizer, scheduler, objective, eval_loss, augment, probe_list,
+                 plan, snapshot_points)
 
-    state, extra = State(), {"device": str(device), "resumed_at_steps": []}
-    metrics_rows = None
-    if payload is not None:
-        state = State(**payload["state"])
-        old = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-        extra["resumed_at_steps"] = old.get("resumed_at_steps", []) + [state.step]
-        if state.status in FINISHED and not (plan.max_steps and state.step < plan.max_steps
-                                             and state.stop_reason != "interpolation"):
-            log.info("%s already finished (%s); nothing to do", run_dir, state.status)
-            return old
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
-        state.status, state.stop_reason = "running", None
-        metrics_rows = state.rows
-        log.info("resuming %s from step %d", run_dir, state.step)
 
+def restore(parts: Parts, payload: dict) -> State:
+    """Put a checkpoint back: module, optimizer, schedule, probes, every RNG, the counters."""
+    state = State(**payload["state"])
+    parts.model.load_state_dict(payload["model"])
+    parts.optimizer.load_state_dict(payload["optimizer"])
+    parts.scheduler.load_state_dict(payload["scheduler"])
+    saved = payload.get("probes", {})
+    for probe in parts.probes:
+        if probe.name in saved:
+            probe.load_state_dict(saved[probe.name])
+    set_rng_state(payload["rng"])
+    state.status, state.stop_reason = "running", None
+    return state
+
+
+def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, Any]:
+    """What the run applied, as summary.json records it (a report labels runs by this)."""
+    corrupted = int(bundle.train.corrupted.sum())
+    return {
+        "seed": cfg.seed, "dataset": cfg.dataset.name, "model": cfg.model.name,
+        "corruption": {"name": cfg.corruption.name, "prob": cfg.corruption.prob,
+                       "seed": cfg.corruption_seed,
+                       "apply_to_test": cfg.corruption.apply_to_test,
+                       "train_rows_changed": corrupted},
+        "optimizer": cfg.optimizer.name, "input_shape": list(bundle.meta.input_shape),
+        "train_size": len(bundle.train), "test_size": len(bundle.test),
+        "device": str(device), "threads": torch.get_num_threads(),
+    }
+
+
+def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
+        job_num: Optional[int] = None, overrides: Optional[list[str]] = None,
+        on_start: Optional[Callable[[RunDir], None]] = None) -> dict:
+    """Train one run into `run_dir`, or continue it, or leave it be when it has finished.
+
+    config: the resolved config (stored with every checkpoint: a resume must match it).
+    job_num: the job's number in a sweep (picks its GPU when several are visible).
+    on_start: called once the run will train, before anything is written (the CLI writes
+    `.hydra/` there, so a refused or finished run's directory stays exactly as it was).
+    """
+    record = RunDir(run_dir)
+    decision = decide(record, config, cfg.trainer)
+    if decision.finished:
+        # On the terminal only: a run left as it was gets no new line in its log file either.
+        print(f"dgrun: {run_dir} already finished: {decision.why}; nothing to do",
+              file=sys.stderr)
+        return decision.summary
+    record.path.mkdir(parents=True, exist_ok=True)
+    if decision.clear:
+        log.warning("%s: replacing the previous run's record (%s)", run_dir, decision.why)
+        record.clear()
+    if on_start is not None:
+        on_start(record)
+    device = runtime.configure(threads=cfg.threads, deterministic=cfg.deterministic,
+                               device=cfg.device, job_num=job_num)
+    seed_everything(cfg.seed)
+    parts = build(cfg, device)
+    facts = Facts(described=describe(cfg, parts.bundle, device),
+                  params=models.count_params(parts.model), config=config, overrides=overrides)
+    state = State()
+    if decision.payload is not None:
+        state = restore(parts, decision.payload)
+        facts.resumed_at_steps = list((decision.summary or {}).get("resumed_at_steps", []))
+        facts.resumed_at_steps.append(state.step)
+        log.info("%s: %s from step %d (%s)", run_dir,
+                 "resuming" if decision.action == "resume" else "continuing", state.step,
+                 decision.why)
+    return train(cfg, parts, state, record, facts)
+
+
+def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Facts) -> dict:
+    t, meta, plan = cfg.trainer, parts.bundle.meta, parts.plan
     log.info("%s | %s (%d params) | %s p=%s | %d train / %d test | %s | %d steps/epoch",
-             meta.name, cfg.model.name, params, cfg.corruption.name, cfg.corruption.prob,
-             len(bundle.train), len(bundle.test), device, plan.steps_per_epoch)
-    summary_path = run_dir / "summary.json"
-    extra["epochs"] = None
-    write_json(summary_path, summarize(cfg, state, params, started, extra))
+             meta.name, cfg.model.name, facts.params, cfg.corruption.name, cfg.corruption.prob,
+             len(parts.bundle.train), len(parts.bundle.test), facts.described["device"],
+             plan.steps_per_epoch)
     guard = PreemptionGuard()
     bar = progress.make(t.progress, plan.max_steps, t.log_every_s)
-    recorder = Recorder(run_dir, model, optimizer, scheduler, config, t.snapshots,
-                        snapshot_points, bar, guard)
-    recorder.metrics.rewrite(metrics_rows or [])
+    recorder = Recorder(record, facts, model=parts.model, optimizer=parts.optimizer,
+                        scheduler=parts.scheduler, probes=parts.probes, snapshots=t.snapshots,
+                        snapshot_points=parts.snapshot_points, bar=bar, guard=guard)
+    state.steps_per_epoch = plan.steps_per_epoch
+    recorder.start(state)
     try:
         with guard, bar:
-            state = fit(model, bundle.train, bundle.test, optimizer, scheduler, loss_fn, eval_loss,
-                        plan, state, recorder, augment=augment)
+            state = fit(parts.model, parts.bundle.train, parts.bundle.test, parts.optimizer,
+                        parts.scheduler, parts.objective, parts.eval_loss, plan, state, recorder,
+                        augment=parts.augment, prepare=parts.bundle.prepare, probes=parts.probes,
+                        val=parts.bundle.val)
     except BaseException as e:
-        state.status = "failed"
-        extra["error"] = f"{type(e).__name__}: {e}"
-        write_json(summary_path, summarize(cfg, state, params, started, extra))
+        state.status = FAILED
+        facts.error = f"{type(e).__name__}: {e}"
+        recorder.write_summary(state)
         raise
-    extra["epochs"] = state.step / plan.steps_per_epoch
-    summary = summarize(cfg, state, params, started, extra)
-    write_json(summary_path, summary)
-    plot_run(state.rows, run_dir / "plots", interpolation_step=state.interpolation["step"],
-             log_x=t.eval_schedule == "log",
-             title=f"{cfg.model.name} on {meta.name}, {cfg.corruption.name}")
+    summary = recorder.finish(state, log_x=t.eval_schedule == "log",
+                              title=f"{cfg.model.name} on {meta.name}, "
+                                    f"corruption: {cfg.corruption.name}")
+    final = summary["final"]
     log.info("%s: %s (%s) after %d steps; train_acc %.4f test_acc %.4f; interpolation %s",
-             run_dir, state.status, state.stop_reason, state.step,
-             summary["final"].get("train_acc", float("nan")),
-             summary["final"].get("test_acc", float("nan")),
+             record.path, state.status, state.stop_reason, state.step,
+             final.get("train_acc", float("nan")), final.get("test_acc", float("nan")),
              f"at step {state.interpolation['step']}" if state.interpolation["reached"]
              else "not reached")
-    if state.status == "preempted":
+    if state.status == PREEMPTED:
         guard.forward()
     return summary

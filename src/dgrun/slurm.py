@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from dgrun.cli import fail
 from dgrun.errors import UserError
 
 SBATCH_TIMEOUT_S = 120
@@ -116,31 +115,31 @@ def check_options(args: argparse.Namespace) -> None:
     try:
         limit = time_seconds(args.time)
     except ValueError:
-        fail(f"--time {args.time} is not a Slurm time", "use MM, HH:MM:SS or D-HH:MM:SS")
+        raise UserError(f"--time {args.time} is not a Slurm time", "use MM, HH:MM:SS or D-HH:MM:SS")
     if limit is not None and not 0 <= args.signal_s < limit:
-        fail(f"--signal-s {args.signal_s} must be below the time limit ({limit} s)",
+        raise UserError(f"--signal-s {args.signal_s} must be below the time limit ({limit} s)",
              "lower --signal-s or raise --time")
     if not re.fullmatch(r"\d+[KMGT]?", args.mem):
-        fail(f"--mem {args.mem} is not a Slurm memory size", "use e.g. 4G or 500M")
+        raise UserError(f"--mem {args.mem} is not a Slurm memory size", "use e.g. 4G or 500M")
     for name, low in (("cpus", 1), ("gpus", 0), ("parallel", 1), ("max_requeues", 0),
                       ("signal_s", 0)):
         value = getattr(args, name)
         if value is not None and value < low:
-            fail(f"--{name.replace('_', '-')} {value} must be at least {low}")
+            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {low}")
     for name in ("partition", "account", "qos", "job_name"):
         value = getattr(args, name)
         if value is not None and (not value or re.search(r"\s", value)):
-            fail(f"--{name.replace('_', '-')} {value!r} must be one word")
+            raise UserError(f"--{name.replace('_', '-')} {value!r} must be one word")
     for arg in args.sbatch_arg:
         if not arg.startswith("-") or "\n" in arg:
-            fail(f"--sbatch-arg {arg!r} is not an sbatch option",
+            raise UserError(f"--sbatch-arg {arg!r} is not an sbatch option",
                  "give it like --sbatch-arg=--constraint=a100")
     for override in args.overrides:
         if override.startswith("-"):
-            fail(f"'{override}' after --: only overrides go there",
+            raise UserError(f"'{override}' after --: only overrides go there",
                  "put dgrun slurm's options before --; it always sweeps (no -m needed)")
         if override.split("=", 1)[0].lstrip("+~") == "hydra.run.dir":
-            fail("hydra.run.dir is set per task by dgrun slurm (<sweep dir>/<task>)",
+            raise UserError("hydra.run.dir is set per task by dgrun slurm (<sweep dir>/<task>)",
                  "choose where the sweep goes with --sweep-dir")
 
 
@@ -149,10 +148,7 @@ def expand(overrides: list[str]) -> tuple[list[list[str]], str]:
     """Every task's overrides, as `dgrun -m` would run them, each validated; and hydra.sweep.dir."""
     from dgrun import compose
 
-    try:
-        tasks, master = compose.expand(overrides, multirun=True)
-    except UserError as e:
-        fail(e.problem, e.fix)
+    tasks, master = compose.expand(overrides, multirun=True)
     return tasks, str(master.hydra.sweep.dir)
 
 
@@ -162,8 +158,8 @@ def task_lines(tasks: list[list[str]]) -> list[str]:
 
 def check_sweep_dir(sweep_dir: Path, lines: list[str]) -> None:
     """A sweep dir that already holds a sweep takes only the same sweep again (to resume it);
-    the budget and other keys a resumed run may change (dgrun.run.RESUMABLE_KEYS) may differ."""
-    from dgrun.run import RESUMABLE_KEYS
+    the budget and other keys a resumed run may change (dgrun.resume.RESUMABLE_KEYS) may differ."""
+    from dgrun.resume import RESUMABLE_KEYS
 
     old_file = sweep_dir / "tasks.txt"
     if not old_file.is_file():  # a new sweep dir, or one of `dgrun -m` (same layout: resumes)
@@ -175,11 +171,11 @@ def check_sweep_dir(sweep_dir: Path, lines: list[str]) -> None:
 
     old = old_file.read_text().splitlines()
     if len(old) != len(lines):
-        fail(f"{sweep_dir} holds another sweep ({len(old)} tasks, this one has {len(lines)})",
+        raise UserError(f"{sweep_dir} holds another sweep ({len(old)} tasks, this one has {len(lines)})",
              "use a new --sweep-dir, or the same overrides to resume that sweep")
     for i, (a, b) in enumerate(zip(old, lines)):
         if fixed(a) != fixed(b):
-            fail(f"{sweep_dir} holds another sweep (task {i}: {a!r} there, {b!r} here)",
+            raise UserError(f"{sweep_dir} holds another sweep (task {i}: {a!r} there, {b!r} here)",
                  "use a new --sweep-dir, or the same overrides to resume that sweep")
 
 
@@ -204,12 +200,12 @@ def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Pat
     try:
         return SbatchTemplate(path.read_text()).substitute(fields)
     except OSError as e:
-        fail(f"cannot read the template {path}: {e.strerror}")
+        raise UserError(f"cannot read the template {path}: {e.strerror}")
     except KeyError as e:
-        fail(f"the template {path} has an unknown field {{{{{e.args[0]}}}}}",
+        raise UserError(f"the template {path} has an unknown field {{{{{e.args[0]}}}}}",
              f"fields: {', '.join(sorted(fields))}")
     except ValueError as e:
-        fail(f"the template {path} is malformed: {e}")
+        raise UserError(f"the template {path} is malformed: {e}")
 
 
 def submit(script: Path) -> str:
@@ -217,33 +213,38 @@ def submit(script: Path) -> str:
         proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True,
                               text=True, timeout=SBATCH_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        fail(f"sbatch did not answer within {SBATCH_TIMEOUT_S} s", "is slurmctld up? try `sinfo`")
+        raise UserError(f"sbatch did not answer within {SBATCH_TIMEOUT_S} s", "is slurmctld up? try `sinfo`")
     if proc.returncode != 0:
         message = " ".join(proc.stderr.split()) or f"exit code {proc.returncode}"
-        fail(f"sbatch refused the job array: {message}", f"the script is {script}")
+        raise UserError(f"sbatch refused the job array: {message}", f"the script is {script}")
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        fail(f"sbatch gave no job id (it printed {proc.stdout.strip()!r})")
+        raise UserError(f"sbatch gave no job id (it printed {proc.stdout.strip()!r})")
     return job_id
 
 
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"dgrun: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if not args.dry_run and shutil.which("sbatch") is None:
-        fail("sbatch is not on PATH: dgrun slurm submits to Slurm from a login node",
+        raise UserError("sbatch is not on PATH: dgrun slurm submits to Slurm from a login node",
              "run it where sbatch works, or add --dry-run to see the script")
     check_options(args)
     tasks, default_dir = expand(args.overrides)
     workdir = Path.cwd()
     sweep_dir = Path(os.path.abspath(args.sweep_dir or default_dir))
     if re.search(r"[\s%]", str(sweep_dir)):
-        fail(f"the sweep dir {sweep_dir} has a space or a %, which Slurm's --output can't take",
+        raise UserError(f"the sweep dir {sweep_dir} has a space or a %, which Slurm's --output can't take",
              "choose another --sweep-dir")
     lines = task_lines(tasks)
-    try:
-        script = render(args, len(tasks), sweep_dir, workdir)
-    except UserError as e:
-        fail(e.problem, e.fix)
+    script = render(args, len(tasks), sweep_dir, workdir)
     if args.dry_run:
         print(script, end="" if script.endswith("\n") else "\n")
         print(f"# {sweep_dir}/tasks.txt ({len(lines)} task{'s' * (len(lines) != 1)}; "

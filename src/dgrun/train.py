@@ -1,9 +1,10 @@
 """The training loop: one function, read top to bottom.
 
-It knows nothing of Hydra, registries or run directories. It gets a model, device-resident
-data, an optimizer and schedule, a Plan (how long, when to evaluate and checkpoint) and Hooks
-(where rows, checkpoints and progress go), and it advances a State that holds everything a
-resume needs besides the module and optimizer states.
+It knows nothing of Hydra, registries, run directories or phenomena. It gets a model,
+device-resident data, an objective, an optimizer and schedule, a Plan (how long, when to
+evaluate and checkpoint, when to stop), probes (extra measurements at each evaluation) and
+Hooks (where rows, checkpoints and progress go), and it advances a State that holds everything
+a resume needs besides the module, optimizer and probe states.
 
 Speed rules: the data already lives on the device, a batch is an index into it, and nothing
 forces a host sync between evaluations (the non-finite-loss flag accumulates as a tensor).
@@ -13,16 +14,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from dgrun.data.bundle import Split
+from dgrun.data.bundle import Split, identity
 from dgrun.losses import LossFn
+from dgrun.probes.base import Evaluation, Probe
 from dgrun.seeding import derive_seed
+from dgrun.status import COMPLETED, DIVERGED, PREEMPTED, STOPPED
+from dgrun.stopping import interpolates, stalled
 
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
+# objective(outputs, labels, rows) -> scalar loss; rows index the batch into the training split
+# (None when the data streams fresh batches), so group objectives can look up group ids.
+Objective = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -40,15 +48,24 @@ class Plan:
     grad_clip: Optional[float] = None
     eval_batch_size: int = 4096
     max_steps_reason: str = "max_steps"  # what to call reaching max_steps (max_epochs if that set it)
+    stall_patience: Optional[int] = None  # see dgrun.stopping.stalled
+    stall_min_delta: float = 0.01
+    min_lr: Optional[float] = None
+
+
+def no_interpolation() -> dict:
+    return {"reached": False, "step": None, "epoch": None, "time_s": None}
 
 
 @dataclass
 class State:
     step: int = 0
+    steps_per_epoch: int = 0             # recorded so a re-run can judge budgets without data
     train_time_s: float = 0.0            # training only: evaluation and checkpoint time excluded
     rows: list[dict] = field(default_factory=list)
-    interpolation: dict = field(default_factory=lambda: {
-        "reached": False, "step": None, "epoch": None, "time_s": None})
+    # The first evaluation that fit the training set: its step, epoch, time and every metric
+    # measured there (test accuracy at the threshold is Zhang et al.'s Fig. 1c).
+    interpolation: dict = field(default_factory=no_interpolation)
     status: str = "running"
     stop_reason: Optional[str] = None
 
@@ -65,47 +82,42 @@ def epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, loss_sum: LossFn, batch_size: int):
-    """Summed loss and per-row correctness over a split, as device tensors (no sync here)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=split.y.device)
-    correct = torch.empty(len(split), dtype=torch.bool, device=split.y.device)
-    for start in range(0, len(split), batch_size):
-        out = model(split.x[start:start + batch_size])
-        y = split.y[start:start + batch_size]
-        total += loss_sum(out.float(), y)
-        correct[start:start + batch_size] = out.argmax(dim=-1) == y
-    model.train(was_training)
-    return total / max(1, len(split)), correct
-
-
-def measure(model: nn.Module, train: Split, test: Split, loss_sum: LossFn, batch_size: int,
-            ) -> dict[str, float]:
+def measure(ev: Evaluation, loss_sum: LossFn, probes: Sequence[Probe] = ()) -> dict[str, float]:
     """One metrics row's measurements, synced to the host in a single transfer."""
-    train_loss, train_correct = evaluate(model, train, loss_sum, batch_size)
-    test_loss, test_correct = evaluate(model, test, loss_sum, batch_size)
-    values = {
-        "train_loss": train_loss, "train_acc": train_correct.float().mean(),
-        "test_loss": test_loss, "test_acc": test_correct.float().mean(),
-    }
-    corrupted = train.corrupted
+    values: dict[str, torch.Tensor] = {}
+    for name in ("train", "test"):
+        split, logits = ev.split(name), ev.logits(name)
+        values[f"{name}_loss"] = loss_sum(logits, split.y) / max(1, len(split))
+        values[f"{name}_acc"] = ev.correct(name).float().mean()
+    corrupted, correct = ev.train.corrupted, ev.correct("train")
     if bool(corrupted.any()) and not bool(corrupted.all()):
-        values["train_acc_clean"] = train_correct[~corrupted].float().mean()
-        values["train_acc_corrupted"] = train_correct[corrupted].float().mean()
+        # Accuracy against the labels trained on: on corrupted rows, fitting the noisy label.
+        values["train_acc_clean"] = correct[~corrupted].float().mean()
+        values["train_acc_corrupted"] = correct[corrupted].float().mean()
     values["weight_norm"] = torch.sqrt(sum(p.detach().float().pow(2).sum()
-                                           for p in model.parameters()))
+                                           for p in ev.model.parameters()))
+    for probe in probes:
+        values.update(probe.measure(ev))
     names = list(values)
-    numbers = torch.stack([values[k].float() for k in names]).tolist()
+    numbers = torch.stack([torch.as_tensor(values[k], dtype=torch.float32,
+                                           device=ev.train.y.device).reshape(())
+                           for k in names]).tolist()
     return dict(zip(names, numbers))
 
 
 def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: LossFn, eval_loss_sum: LossFn,
-        plan: Plan, state: State, hooks: Hooks, augment: Optional[Augment] = None) -> State:
+        scheduler: torch.optim.lr_scheduler.LRScheduler, objective: Objective,
+        eval_loss_sum: LossFn, plan: Plan, state: State, hooks: Hooks, *,
+        augment: Optional[Augment] = None, prepare: Prepare = identity,
+        probes: Sequence[Probe] = (), val: Optional[Split] = None) -> State:
+    """Train until a rule in `plan` ends the run; returns `state` with its status set.
+
+    `prepare` turns stored rows into model inputs batch by batch (images: pixels -> floats);
+    `augment` then perturbs training batches; probes add columns to every metrics row.
+    """
     device = train.y.device
     n, bs, spe = len(train), plan.batch_size, plan.steps_per_epoch
+    state.steps_per_epoch = spe
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     clock = _Clock(state, device)
     # Only the generator the model draws from: torch.manual_seed would also seed every other
@@ -119,7 +131,9 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         clock.pause()
         row = {"step": state.step, "epoch": state.step / spe, "time_s": state.train_time_s,
                "lr": optimizer.param_groups[0]["lr"]}
-        row.update(measure(model, train, test, eval_loss_sum, plan.eval_batch_size))
+        ev = Evaluation(model, train, test, prepare=prepare, batch_size=plan.eval_batch_size,
+                        step=state.step, lr=row["lr"], val=val)
+        row.update(measure(ev, eval_loss_sum, probes))
         state.rows.append(row)
         hooks.on_eval(state, row)
         return row
@@ -127,8 +141,8 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     def finish(status: str, reason: str) -> State:
         clock.pause()
         state.status, state.stop_reason = status, reason
-        if status != "diverged":
-            hooks.save(state, reason)
+        # Saved even when diverged: the checkpoint then says so, and a re-run leaves it alone.
+        hooks.save(state, reason)
         return state
 
     if not state.rows:
@@ -138,19 +152,23 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     clock.start()
     while plan.max_steps is None or state.step < plan.max_steps:
         epoch, position = divmod(state.step, spe)
-        if bs >= n:
+        idx = None
+        if train.stream is not None:
+            xb, yb = train.stream(state.step, bs, device)
+        elif bs >= n:
             xb, yb = train.x, train.y
         else:
             if order is None or position == 0:
                 order = epoch_order(plan.seed, epoch, n, device)
             idx = order[position * bs:(position + 1) * bs]
             xb, yb = train.x[idx], train.y[idx]
+        xb = prepare(xb)
         if augment is not None:
             xb = augment(xb, state.step)
         # Dropout and other in-model noise: derived from the step, so resume replays it.
         step_generator.manual_seed(derive_seed(plan.seed, "step", state.step))
 
-        loss = loss_fn(model(xb), yb)
+        loss = objective(model(xb), yb, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if plan.grad_clip is not None:
@@ -164,34 +182,35 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         last = plan.max_steps is not None and state.step >= plan.max_steps
         if plan.is_eval_step(state.step) or last:
             row = record()
-            if bool(nonfinite) or not all(math.isfinite(v) for v in row.values()):
-                return finish("diverged", "non-finite loss")
-            if not state.interpolation["reached"] and _interpolates(row, plan):
-                state.interpolation = {"reached": True, "step": state.step,
-                                       "epoch": state.step / spe, "time_s": state.train_time_s}
+            if bool(nonfinite) or not all(math.isfinite(v) for k, v in row.items()
+                                          if k in ("train_loss", "test_loss")):
+                return finish(DIVERGED, "non-finite loss")
+            if not state.interpolation["reached"] and interpolates(
+                    row, plan.interpolation_threshold, plan.interpolation_loss):
+                state.interpolation = {
+                    "reached": True, "step": state.step, "epoch": state.step / spe,
+                    "time_s": state.train_time_s,
+                    **{k: v for k, v in row.items() if k not in ("step", "epoch", "time_s")}}
                 if plan.stop_at_interpolation:
-                    return finish("completed", "interpolation")
+                    return finish(COMPLETED, "interpolation")
                 hooks.save(state, "interpolation")
+            if stalled(state.rows, plan.stall_patience, plan.stall_min_delta) or (
+                    plan.min_lr is not None and row["lr"] < plan.min_lr):
+                return finish(STOPPED, "stalled")
             clock.start()
         if last:
-            return finish("completed", plan.max_steps_reason)
+            return finish(COMPLETED, plan.max_steps_reason)
         if plan.is_checkpoint_step(state.step):
             clock.pause()
             hooks.save(state, "periodic")
             clock.start()
         if plan.max_time_s is not None and clock.elapsed() >= plan.max_time_s:
             record()
-            return finish("stopped", "max_time_s")
+            return finish(STOPPED, "max_time_s")
         signal_name = hooks.stop_requested()
         if signal_name:
-            return finish("preempted", signal_name)
-    return finish("completed", plan.max_steps_reason)
-
-
-def _interpolates(row: dict, plan: Plan) -> bool:
-    if plan.interpolation_loss is not None:
-        return row["train_loss"] <= plan.interpolation_loss
-    return row["train_acc"] >= plan.interpolation_threshold
+            return finish(PREEMPTED, signal_name)
+    return finish(COMPLETED, plan.max_steps_reason)
 
 
 class _Clock:

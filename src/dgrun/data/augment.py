@@ -16,7 +16,8 @@ from dgrun.seeding import derive_seed
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def build(options: Optional[dict], *, seed: int, modality: str) -> Optional[Augment]:
+def build(options: Optional[dict], *, seed: int, modality: str,
+          input_shape: Optional[tuple[int, ...]] = None) -> Optional[Augment]:
     """`options` is the `dataset.augment` mapping ({crop: PADDING, flip: BOOL}) or null."""
     if not options:
         return None
@@ -32,6 +33,13 @@ def build(options: Optional[dict], *, seed: int, modality: str) -> Optional[Augm
     if modality != "image":
         raise UserError(f"dataset.augment needs image data, not {modality}",
                         "set dataset.augment=null")
+    if pad and input_shape is not None:
+        # Half the side or more and most crops are padding: the model would train on zeros.
+        side = min(input_shape[-2:])
+        if 2 * pad >= side:
+            raise UserError(f"dataset.augment.crop={pad} pads the {input_shape[-2]}x"
+                            f"{input_shape[-1]} images by half their size or more",
+                            f"use a padding up to {(side - 1) // 2} (e.g. 4 for 32x32 images)")
 
     def augment(x: torch.Tensor, step: int) -> torch.Tensor:
         gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, "augment", step))

@@ -26,7 +26,11 @@ Corrupt = Callable[[Split, torch.Generator], Split]
 
 def apply(bundle: Bundle, name: str, *, seed: int, prob: float = 0.0,
           apply_to_test: bool = True) -> Bundle:
-    """Corrupt `bundle` (images as float). Deterministic in (seed, name, prob)."""
+    """Corrupt `bundle`. Deterministic in (seed, name, prob).
+
+    A corruption registered with `applied_prob` changes every row (or none) whatever `prob`
+    says; the config refuses any other prob for it, so the recorded prob is the applied one.
+    """
     gen = torch.Generator().manual_seed(derive_seed(seed, "corruption"))
     corrupt = CORRUPTIONS.build(name, bundle.train, bundle.meta, gen, prob=prob)
     train = corrupt(bundle.train, gen)
@@ -34,7 +38,7 @@ def apply(bundle: Bundle, name: str, *, seed: int, prob: float = 0.0,
     return bundle.replace(train=train, test=test)
 
 
-@CORRUPTIONS.register("none")
+@CORRUPTIONS.register("none", applied_prob=0.0)
 def none(train: Split, meta: Meta, gen: torch.Generator, prob: float = 0.0) -> Corrupt:
     return lambda split, gen: split
 
@@ -53,9 +57,9 @@ def partial_labels(train: Split, meta: Meta, gen: torch.Generator, prob: float =
     return lambda split, gen: _relabel(split, gen, prob, meta.num_classes)
 
 
-@CORRUPTIONS.register("random_labels")
+@CORRUPTIONS.register("random_labels", applied_prob=1.0)
 def random_labels(train: Split, meta: Meta, gen: torch.Generator, prob: float = 1.0) -> Corrupt:
-    """Every label redrawn uniformly (partial_labels at prob 1; `prob` is ignored).
+    """Every label redrawn uniformly: partial_labels at prob 1.
 
     Not a fixed class permutation: that keeps the data learnable and is a different experiment.
     """
@@ -73,7 +77,7 @@ def _positions(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
                     "use a label corruption for this dataset")
 
 
-@CORRUPTIONS.register("shuffled_pixels")
+@CORRUPTIONS.register("shuffled_pixels", applied_prob=1.0)
 def shuffled_pixels(train: Split, meta: Meta, gen: torch.Generator, prob: float = 0.0) -> Corrupt:
     """One random permutation of pixel positions, the same for every image, train and test."""
     flat, _ = _positions(train.x)
@@ -87,7 +91,7 @@ def shuffled_pixels(train: Split, meta: Meta, gen: torch.Generator, prob: float 
     return corrupt
 
 
-@CORRUPTIONS.register("random_pixels")
+@CORRUPTIONS.register("random_pixels", applied_prob=1.0)
 def random_pixels(train: Split, meta: Meta, gen: torch.Generator, prob: float = 0.0) -> Corrupt:
     """An independent random permutation of pixel positions for each image."""
 
@@ -100,7 +104,7 @@ def random_pixels(train: Split, meta: Meta, gen: torch.Generator, prob: float = 
     return corrupt
 
 
-@CORRUPTIONS.register("gaussian_pixels")
+@CORRUPTIONS.register("gaussian_pixels", applied_prob=1.0)
 def gaussian_pixels(train: Split, meta: Meta, gen: torch.Generator, prob: float = 0.0) -> Corrupt:
     """Pixels drawn from a Gaussian with the training set's per-channel mean and std."""
     flat, _ = _positions(train.x)

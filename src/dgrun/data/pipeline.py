@@ -1,4 +1,5 @@
-"""From a dataset name to device-resident tensors: load -> float -> corrupt -> crop -> normalize.
+"""From a dataset name to device-resident tensors: load -> corrupt -> crop, and the fitted
+normalization that the loop applies per batch.
 
 Corruption comes before preprocessing, as in Zhang et al.: shuffled or Gaussian pixels are then
 whitened like real images. Everything here runs once per run; batches are cut later by index.
@@ -6,6 +7,7 @@ whitened like real images. Everything here runs once per run; batches are cut la
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -31,21 +33,33 @@ def load(name: str, loader_options: Optional[dict] = None, *, seed: int,
          corruption_name: str = "none", prob: float = 0.0, apply_to_test: bool = True,
          preprocess: Optional[str] = "none", center_crop: Optional[int] = None,
          augment: Optional[dict] = None) -> Bundle:
-    """`loader_options` go to the dataset's builder; `augment` is applied per batch by the loop."""
+    """`loader_options` go to the dataset's builder; `augment` is applied per batch by the loop.
+
+    Images stay pixels (uint8 as loaded, float in [0, 1] once a pixel corruption made them so);
+    the returned Bundle's `prepare` normalizes them batch by batch, with statistics fitted on
+    the training split here, once.
+    """
     bundle = DATASETS.build(name, **(loader_options or {}))
-    if bundle.meta.modality == "image":
+    if bundle.meta.modality == "image" and corruption_name in corruption.PIXEL_CORRUPTIONS:
         bundle = bundle.replace(train=_as_float(bundle.train), test=_as_float(bundle.test))
     bundle = corruption.apply(bundle, corruption_name, seed=seed, prob=prob,
                               apply_to_test=apply_to_test)
     if center_crop is not None:
         bundle = _center_crop(bundle, center_crop)
-    return _normalize(bundle, preprocess or "none")
+    if bundle.meta.modality != "image" or (preprocess or "none") == "none":
+        prepare = Normalize("none") if bundle.meta.modality == "image" else None
+    else:
+        prepare = Normalize.fit(preprocess, bundle.train.x)
+    return bundle if prepare is None else bundle.replace(prepare=prepare)
 
 
 def _as_float(split: Split) -> Split:
-    x = split.x
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return split.replace(x=x)
+    return split.replace(x=to_unit(split.x))
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Pixels as float in [0, 1], whether stored as uint8 or already float."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def _center_crop(bundle: Bundle, size: int) -> Bundle:
@@ -57,29 +71,61 @@ def _center_crop(bundle: Bundle, size: int) -> Bundle:
         raise UserError(f"dataset.center_crop={size} is larger than the {h}x{w} images of "
                         f"'{bundle.meta.name}'", f"use a size up to {min(h, w)}, or null")
     top, left = (h - size) // 2, (w - size) // 2
-    crop = lambda s: s.replace(x=s.x[:, :, top:top + size, left:left + size].contiguous())  # noqa
-    meta = bundle.meta.__class__(**{**vars(bundle.meta), "input_shape": (c, size, size)})
-    return Bundle(crop(bundle.train), crop(bundle.test), meta)
+
+    def crop(s: Optional[Split]) -> Optional[Split]:
+        return None if s is None else s.replace(
+            x=s.x[:, :, top:top + size, left:left + size].contiguous())
+
+    meta = replace(bundle.meta, input_shape=(c, size, size))
+    return bundle.replace(train=crop(bundle.train), test=crop(bundle.test), val=crop(bundle.val),
+                          meta=meta)
 
 
-def _normalize(bundle: Bundle, how: str) -> Bundle:
-    if how == "none" or bundle.meta.modality == "tokens":
-        return bundle
-    if how == "standardize":
-        # Statistics of the training split only: the test split must not leak into training.
-        x = bundle.train.x
-        dims = (0, 2, 3) if x.dim() == 4 else (0,)
-        mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
-        std = std.clamp_min(1e-6)  # constant pixels (digits' borders) would divide by zero
-        scale = lambda s: s.replace(x=(s.x - mean[0:1]) / std[0:1])  # noqa: E731
-        return bundle.replace(train=scale(bundle.train), test=scale(bundle.test))
-    # "whiten": per-image standardization as in TensorFlow (Zhang et al.'s preprocessing).
-    return bundle.replace(train=_whiten(bundle.train), test=_whiten(bundle.test))
+class Normalize:
+    """Stored pixels -> model inputs, one batch at a time.
 
+    none         pixels as float in [0, 1]
+    standardize  minus the training split's per-channel mean, divided by its std
+    whiten       per image: minus its mean, divided by max(its std, 1/sqrt(pixels)), as
+                 TensorFlow's per_image_standardization (Zhang et al.'s preprocessing)
+    Differentiable, so attacks can optimise pixels through it.
+    """
 
-def _whiten(split: Split) -> Split:
-    x = split.x
-    flat = x.reshape(len(x), -1)
-    mean = flat.mean(dim=1, keepdim=True)
-    std = flat.std(dim=1, unbiased=False, keepdim=True).clamp_min(1.0 / math.sqrt(flat.shape[1]))
-    return split.replace(x=((flat - mean) / std).reshape(x.shape))
+    def __init__(self, how: str, mean: Optional[torch.Tensor] = None,
+                 std: Optional[torch.Tensor] = None):
+        self.how, self.mean, self.std = how, mean, std
+
+    @classmethod
+    def fit(cls, how: str, x: torch.Tensor, chunk: int = 4096) -> "Normalize":
+        if how != "standardize":
+            return cls(how)
+        # Statistics of the training split only (the test split must not leak into training),
+        # accumulated in float64 chunk by chunk: no float copy of the whole set at once.
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        squares = torch.zeros(x.shape[1], dtype=torch.float64)
+        for i in range(0, len(x), chunk):
+            part = to_unit(x[i:i + chunk]).double()
+            total += part.sum(dim=(0, 2, 3))
+            squares += part.pow(2).sum(dim=(0, 2, 3))
+        count = len(x) * x.shape[2] * x.shape[3]
+        mean = total / count
+        var = (squares - count * mean.pow(2)) / max(1, count - 1)
+        # Constant pixels (digits' borders) would divide by zero.
+        std = var.clamp_min(0).sqrt().clamp_min(1e-6)
+        return cls(how, mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1))
+
+    def to(self, device) -> "Normalize":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Normalize(self.how, move(self.mean), move(self.std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_unit(x)
+        if self.how == "standardize":
+            return (x - self.mean) / self.std
+        if self.how == "whiten":
+            flat = x.reshape(len(x), -1)
+            mean = flat.mean(dim=1, keepdim=True)
+            std = flat.std(dim=1, unbiased=False, keepdim=True).clamp_min(
+                1.0 / math.sqrt(flat.shape[1]))
+            return ((flat - mean) / std).reshape(x.shape)
+        return x

@@ -1,0 +1,120 @@
+"""Writing a run's record as it trains: metrics rows, checkpoints, summary.json, plots.
+
+`Recorder` is the loop's Hooks: every evaluation appends a row, every checkpoint also brings
+summary.json up to date (a killed run's summary says how far it got), and `finish` writes the
+final summary and the figures.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+from dgrun import checkpoint
+from dgrun.files import write_json
+from dgrun.metrics import MetricsFile, versions
+from dgrun.plots import plot_run
+from dgrun.preemption import PreemptionGuard
+from dgrun.probes import Probe
+from dgrun.rundir import RunDir
+from dgrun.seeding import rng_state
+from dgrun.status import DIVERGED
+from dgrun.train import State
+
+log = logging.getLogger("dgrun")
+
+
+@dataclass
+class Facts:
+    """What a summary says about the run besides its state: fixed when the run is built."""
+    described: dict[str, Any]            # seed, dataset, model, corruption, optimizer, ...
+    params: int
+    config: dict[str, Any]               # the resolved config the run trained with
+    overrides: Optional[list[str]] = None
+    resumed_at_steps: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    error: Optional[str] = None
+
+
+def summarize(state: State, facts: Facts, probes: Sequence[Probe] = ()) -> dict:
+    final = {k: v for k, v in (state.rows[-1] if state.rows else {}).items()
+             if k not in ("step", "epoch", "time_s", "lr")}
+    spe = state.steps_per_epoch or None
+    summary = {
+        "status": state.status, "stop_reason": state.stop_reason,
+        "steps": state.step, "epochs": state.step / spe if spe else None,
+        "time_s": state.train_time_s, "wall_s": time.time() - facts.started,
+        "params": facts.params, "final": final, "interpolation": state.interpolation,
+        **facts.described, "resumed_at_steps": facts.resumed_at_steps,
+    }
+    for probe in probes:
+        summary.update(probe.summarize(state.rows))
+    if facts.error:
+        summary["error"] = facts.error
+    summary.update(config=facts.config, overrides=facts.overrides, versions=versions())
+    return summary
+
+
+class Recorder:
+    """The loop's hooks: where rows, checkpoints, progress and stop requests go."""
+
+    def __init__(self, record: RunDir, facts: Facts, *, model, optimizer, scheduler,
+                 probes: Sequence[Probe], snapshots: str, snapshot_points: set[int], bar,
+                 guard: PreemptionGuard, trackers=None):
+        self.record, self.facts = record, facts
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.probes, self.snapshots, self.snapshot_points = probes, snapshots, snapshot_points
+        self.bar, self.guard = bar, guard
+        self.metrics = MetricsFile(record.claim(record.metrics))
+        for name in (checkpoint.LAST, checkpoint.PREVIOUS):
+            record.claim(record.checkpoints / name)
+
+    def start(self, state: State) -> None:
+        self.metrics.rewrite(state.rows)
+        self.write_summary(state)
+
+    def on_step(self, state: State) -> None:
+        self.bar.step(state.step)
+
+    def on_eval(self, state: State, row: dict) -> None:
+        self.metrics.append(row)
+        self.bar.eval(row)
+
+    def save(self, state: State, reason: str) -> None:
+        # "log" keeps its log-spaced steps plus the threshold, the end and preemption points.
+        keep = {"none": False, "every": True,
+                "log": state.step in self.snapshot_points or reason != "periodic"}[self.snapshots]
+        keep = keep and state.status != DIVERGED  # NaN weights make no snapshot worth keeping
+        payload = {"state": asdict(state), "model": self.model.state_dict(),
+                   "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                   "probes": {p.name: p.state_dict() for p in self.probes},
+                   "config": self.facts.config}
+        if keep:
+            self.record.claim(checkpoint.snapshot_path(self.record.checkpoints, state.step))
+        checkpoint.save(payload, self.record.checkpoints,
+                        snapshot_step=state.step if keep else None)
+        self.write_summary(state)
+
+    def stop_requested(self) -> Optional[str]:
+        return self.guard.signal_name
+
+    def write_summary(self, state: State) -> dict:
+        summary = summarize(state, self.facts, self.probes)
+        write_json(self.record.claim(self.record.summary), summary)
+        return summary
+
+    def finish(self, state: State, *, log_x: bool, title: str) -> dict:
+        summary = self.write_summary(state)
+        marks = [m for p in self.probes for m in p.marks(summary)]
+        if state.status == DIVERGED:
+            marks.append((state.step, "diverged"))
+        plots = self.record.folder("plots")
+        for path in plot_run(state.rows, plots, interpolation_step=state.interpolation["step"],
+                             log_x=log_x, title=title, marks=marks):
+            self.record.claim(path)
+        for probe in self.probes:
+            for path in probe.plots(state.rows, summary, plots):
+                self.record.claim(path)
+        return summary
