@@ -29,3 +29,6 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Pr
         probe.name = name
         probes.append(probe)
     return probes
+
+
+from dgrun.probes import robustness  # noqa: E402,F401
