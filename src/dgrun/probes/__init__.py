@@ -30,4 +30,5 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Pr
         probes.append(probe)
     return probes
 
-from dgrun.probes import dfr, groups  # noqa: E402,F401  (registers "dfr" and "groups")
+# Importing the modules registers their probes.
+from dgrun.probes import dfr, groups, robustness  # noqa: E402,F401
