@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from dgrun.metrics import write_json
+from dgrun.files import write_json
 from dgrun.trackers.base import Tracker, flatten
 
 log = logging.getLogger("dgrun")
