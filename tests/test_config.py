@@ -1,7 +1,6 @@
 """Every config composes and validates; the schema types what sweeps hand over."""
 from __future__ import annotations
 
-
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -9,8 +8,10 @@ from hydra.core.global_hydra import GlobalHydra
 from dgrun.cli import config_dir
 from dgrun.config import from_hydra, register_schemas
 from dgrun.data import DATASETS
+from dgrun.data.corruption import PIXEL_CORRUPTIONS
 from dgrun.errors import UserError
 from dgrun.models import MODELS
+from dgrun.objectives import OBJECTIVES
 from dgrun.optim import OPTIMIZERS, SCHEDULERS
 
 CONF = config_dir()
@@ -31,7 +32,8 @@ def composer():
 
 def test_config_groups_and_registries_agree():
     for group, registry in [("dataset", DATASETS), ("model", MODELS),
-                            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)]:
+                            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
+                            ("objective", OBJECTIVES)]:
         assert choices(group) == registry.names(), group
 
 
@@ -50,11 +52,29 @@ def test_every_choice_composes_and_validates_with_every_dataset(composer):
             run = from_hydra(composer(*overrides))
             assert (run.dataset.name, run.model.name) == (dataset, model)
             checked += 1
-        for group in ("corruption", "optimizer", "scheduler", "phenomenon"):
+        # The other groups with a model that takes this data (the default MLP takes no tokens).
+        model = next(m for m in choices("model") if modality in MODELS.tags(m)["modalities"])
+        for group in ("corruption", "optimizer", "scheduler", "phenomenon", "objective"):
             for choice in choices(group):
-                from_hydra(composer(f"dataset={dataset}", f"{group}={choice}"))
+                overrides = [f"dataset={dataset}", f"model={model}", f"{group}={choice}"]
+                if modality == "tokens" and choice in PIXEL_CORRUPTIONS:
+                    with pytest.raises(UserError, match="needs image or vector data"):
+                        from_hydra(composer(*overrides))
+                else:
+                    from_hydra(composer(*overrides))
                 checked += 1
     assert checked > 100
+
+
+def test_logger_choices_are_the_registered_trackers(composer):
+    from dgrun.trackers import TRACKERS
+
+    assert sorted(set(choices("logger")) - {"none"}) == TRACKERS.names()
+    run = from_hydra(composer("logger=[tensorboard,mlflow]", "logger.mlflow.experiment=x"))
+    assert list(run.logger) == ["tensorboard", "mlflow"]
+    assert run.logger["mlflow"]["experiment"] == "x"
+    with pytest.raises(UserError, match="logger 'tensorboard' has no option 'colour'"):
+        from_hydra(composer("logger=tensorboard", "+logger.tensorboard.colour=red"))
 
 
 def test_experiments_and_phenomena_compose(composer):

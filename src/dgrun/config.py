@@ -81,6 +81,8 @@ class RootSchema:
     scheduler: Any = field(default_factory=dict)
     phenomenon: Any = field(default_factory=dict)
     probes: Any = field(default_factory=dict)  # {probe name: its options}; presets fill it
+    objective: Any = field(default_factory=dict)
+    logger: Any = field(default_factory=dict)  # {tracker name: its options}
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -144,6 +146,8 @@ class RunConfig:
     scheduler: Component
     phenomenon: dict[str, Any]
     probes: list[Component]
+    objective: Component
+    logger: dict[str, dict[str, Any]]
     trainer: TrainerConfig
 
     @property
@@ -221,10 +225,17 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _component(section: str, node: Any, registry, skip: tuple[str, ...] = ("name",),
-               label: Optional[str] = None, reserved: frozenset = frozenset()) -> Component:
-    if not isinstance(node, dict) or "name" not in node:
-        raise UserError(f"the {section} config has no 'name'", f"pick one with {section}=NAME")
-    name = node["name"]
+               label: Optional[str] = None, reserved: frozenset = frozenset(),
+               name: Optional[str] = None) -> Component:
+    """Check a choice's options against its builder. `name`: the choice, when the node is
+    only options (a tracker or probe keyed by its name, which may have a `name` option)."""
+    if name is None:
+        if not isinstance(node, dict) or "name" not in node:
+            raise UserError(f"the {section} config has no 'name'",
+                            f"pick one with {section}=NAME")
+        name = node["name"]
+    else:
+        skip = ()
     builder = registry.get(name)
     params = inspect.signature(builder).parameters
     allowed = set(registry.options(name)) - RESERVED - reserved
@@ -255,6 +266,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     from dgrun.data import DATASETS
     from dgrun.data.pipeline import validate_pipeline
     from dgrun.models import MODELS, check_takes
+    from dgrun.objectives import OBJECTIVES
     from dgrun.optim import OPTIMIZERS, SCHEDULERS
 
     raw = plain(cfg)
@@ -291,6 +303,9 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     validate_pipeline(**pipeline)
     model = _component("model", raw["model"], MODELS)
     probes = _probes(raw.get("probes") or {})
+    objective = _component("objective", raw.get("objective") or {"name": "erm"}, OBJECTIVES,
+                           reserved=frozenset({"train", "num_groups", "per_example_loss"}))
+    logger = _trackers(raw.get("logger") or {})
     optimizer = _component("optimizer", raw["optimizer"], OPTIMIZERS)
     scheduler = _component("scheduler", raw["scheduler"], SCHEDULERS)
 
@@ -304,8 +319,29 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         seed=int(raw["seed"]), device=device, threads=raw.get("threads"),
         deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
         corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
-        phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, trainer=trainer,
+        phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, objective=objective,
+        logger=logger, trainer=trainer,
     )
+
+
+def _trackers(node: Any) -> dict[str, dict[str, Any]]:
+    """Check the chosen trackers without importing their (slow) packages: known name, known
+    options, package installed."""
+    import importlib.util
+
+    from dgrun.trackers import TRACKERS
+
+    out = {}
+    for name, options in node.items():
+        component = _component(f"logger.{name}", options or {}, TRACKERS,
+                               label=f"logger '{name}'", name=name)
+        cls = TRACKERS.get(name)
+        if importlib.util.find_spec(cls.requires) is None:
+            raise UserError(f"logger '{name}' needs the '{cls.requires}' package, which is not "
+                            "installed", f"pip install 'dgrun[{cls.extra}]' (or choose another "
+                            "logger)")
+        out[name] = component.options
+    return out
 
 
 def _probes(node: Any) -> list[Component]:
@@ -321,6 +357,6 @@ def _probes(node: Any) -> list[Component]:
         if not isinstance(options, dict):
             raise UserError(f"probes.{name} must be a mapping of options, not {options!r}",
                             f"e.g. +probes.{name}={{}}")
-        out.append(_component(f"probes.{name}", {"name": name, **options}, PROBES,
-                              label=f"probe '{name}'", reserved=frozenset(CONTEXT)))
+        out.append(_component(f"probes.{name}", options, PROBES, label=f"probe '{name}'",
+                              reserved=frozenset(CONTEXT), name=name))
     return out

@@ -14,6 +14,7 @@ syncs with the host.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -29,14 +30,15 @@ PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
 __all__ = ["OBJECTIVES", "Objective", "ERM", "GroupDRO", "Reweight", "group_counts"]
 
 
-class Objective:
+class Objective(ABC):
     """objective(out, y, rows) -> scalar loss; state_dict()/load_state_dict() for resume."""
 
     def __init__(self, per_example_loss: PerExampleLoss):
         self.per_example_loss = per_example_loss
 
+    @abstractmethod
     def __call__(self, out: Tensor, y: Tensor, rows: Optional[Tensor]) -> Tensor:
-        raise NotImplementedError
+        """The batch's loss."""
 
     def state_dict(self) -> dict:
         return {}

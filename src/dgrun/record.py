@@ -20,6 +20,7 @@ from dgrun.probes import Probe
 from dgrun.rundir import RunDir
 from dgrun.seeding import rng_state
 from dgrun.status import DIVERGED
+from dgrun.trackers import TrackerSet
 from dgrun.train import State
 
 log = logging.getLogger("dgrun")
@@ -61,12 +62,16 @@ class Recorder:
 
     def __init__(self, record: RunDir, facts: Facts, *, model, optimizer, scheduler,
                  probes: Sequence[Probe], snapshots: str, snapshot_points: set[int], bar,
-                 guard: PreemptionGuard, trackers=None):
+                 guard: PreemptionGuard, objective=None, sinks: Optional[TrackerSet] = None):
         self.record, self.facts = record, facts
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.probes, self.snapshots, self.snapshot_points = probes, snapshots, snapshot_points
-        self.bar, self.guard = bar, guard
+        self.bar, self.guard, self.objective = bar, guard, objective
+        self.sinks = sinks if sinks is not None else TrackerSet({})
         self.metrics = MetricsFile(record.claim(record.metrics))
+        # Checkpoint files come and go (previous.pt, snapshots, temporary files): a
+        # checkpoints/ folder dgrun made is dgrun's whole; in a user's own, only its files.
+        record.folder("checkpoints", whole=True)
         for name in (checkpoint.LAST, checkpoint.PREVIOUS):
             record.claim(record.checkpoints / name)
 
@@ -80,6 +85,7 @@ class Recorder:
     def on_eval(self, state: State, row: dict) -> None:
         self.metrics.append(row)
         self.bar.eval(row)
+        self.sinks.log_metrics(row)
 
     def save(self, state: State, reason: str) -> None:
         # "log" keeps its log-spaced steps plus the threshold, the end and preemption points.
@@ -90,6 +96,7 @@ class Recorder:
                    "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                    "probes": {p.name: p.state_dict() for p in self.probes},
+                   "objective": self.objective.state_dict() if self.objective else {},
                    "config": self.facts.config}
         if keep:
             self.record.claim(checkpoint.snapshot_path(self.record.checkpoints, state.step))
@@ -111,10 +118,12 @@ class Recorder:
         if state.status == DIVERGED:
             marks.append((state.step, "diverged"))
         plots = self.record.folder("plots")
-        for path in plot_run(state.rows, plots, interpolation_step=state.interpolation["step"],
-                             log_x=log_x, title=title, marks=marks):
-            self.record.claim(path)
+        written = plot_run(state.rows, plots, interpolation_step=state.interpolation["step"],
+                           log_x=log_x, title=title, marks=marks)
         for probe in self.probes:
-            for path in probe.plots(state.rows, summary, plots):
-                self.record.claim(path)
+            written += probe.plots(state.rows, summary, plots)
+        for path in written:
+            self.record.claim(path)
+        self.sinks.log_images(written, state.step)
+        self.sinks.finish(summary)
         return summary

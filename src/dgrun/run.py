@@ -20,12 +20,13 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dgrun import models, optim, probes, progress, runtime
+from dgrun import models, optim, probes, progress, runtime, trackers
 from dgrun.config import RunConfig, TrainerConfig
 from dgrun.data import augment as augmentation
 from dgrun.data import pipeline
 from dgrun.data.bundle import Bundle
 from dgrun.losses import LOSSES
+from dgrun.objectives import OBJECTIVES, Objective
 from dgrun.preemption import PreemptionGuard
 from dgrun.record import Facts, Recorder
 from dgrun.resume import decide
@@ -80,7 +81,7 @@ class Parts:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    objective: Callable
+    objective: Objective
     eval_loss: Callable
     augment: Optional[Callable]
     probes: list[probes.Probe]
@@ -103,7 +104,9 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
                                        steps_per_epoch=plan.steps_per_epoch,
                                        total_steps=plan.max_steps)
     loss, eval_loss = LOSSES.build(cfg.trainer.loss, label_smoothing=cfg.trainer.label_smoothing)
-    objective = lambda out, y, rows: loss(out, y)  # noqa: E731
+    objective = OBJECTIVES.build(
+        cfg.objective.name, train=bundle.train, num_groups=len(meta.extra.get("groups", [0])),
+        per_example_loss=lambda out, y: loss(out, y, reduction="none"), **cfg.objective.options)
     probe_list = probes.build({p.name: p.options for p in cfg.probes}, meta=meta, seed=cfg.seed)
     return Parts(bundle, model, optimizer, scheduler, objective, eval_loss, augment, probe_list,
                  plan, snapshot_points)
@@ -115,6 +118,7 @@ def restore(parts: Parts, payload: dict) -> State:
     parts.model.load_state_dict(payload["model"])
     parts.optimizer.load_state_dict(payload["optimizer"])
     parts.scheduler.load_state_dict(payload["scheduler"])
+    parts.objective.load_state_dict(payload.get("objective", {}))
     saved = payload.get("probes", {})
     for probe in parts.probes:
         if probe.name in saved:
@@ -133,7 +137,8 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, 
                        "seed": cfg.corruption_seed,
                        "apply_to_test": cfg.corruption.apply_to_test,
                        "train_rows_changed": corrupted},
-        "optimizer": cfg.optimizer.name, "input_shape": list(bundle.meta.input_shape),
+        "optimizer": cfg.optimizer.name, "objective": cfg.objective.name,
+        "input_shape": list(bundle.meta.input_shape),
         "train_size": len(bundle.train), "test_size": len(bundle.test),
         "device": str(device), "threads": torch.get_num_threads(),
     }
@@ -162,6 +167,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         record.clear()
     if on_start is not None:
         on_start(record)
+    sinks = trackers.build(cfg.logger)  # before the data: a tracker that cannot start says so
     device = runtime.configure(threads=cfg.threads, deterministic=cfg.deterministic,
                                device=cfg.device, job_num=job_num)
     seed_everything(cfg.seed)
@@ -176,10 +182,27 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         log.info("%s: %s from step %d (%s)", run_dir,
                  "resuming" if decision.action == "resume" else "continuing", state.step,
                  decision.why)
-    return train(cfg, parts, state, record, facts)
+    _claim_tracker_files(record, cfg.logger)
+    sinks.start(record.path, config, resume=decision.payload is not None)
+    return train(cfg, parts, state, record, facts, sinks)
 
 
-def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Facts) -> dict:
+# Where each tracker writes inside the run directory by default (MLflow: unless it is given
+# its own tracking_uri), so `trainer.resume=false` removes those too.
+TRACKER_FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
+
+
+def _claim_tracker_files(record: RunDir, logger: dict[str, dict]) -> None:
+    if not logger:
+        return
+    record.claim(record.path / trackers.STATE_FILE)
+    for name, options in logger.items():
+        if name in TRACKER_FOLDERS and not options.get("tracking_uri"):
+            record.folder(TRACKER_FOLDERS[name], whole=True)
+
+
+def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Facts,
+          sinks: Optional[trackers.TrackerSet] = None) -> dict:
     t, meta, plan = cfg.trainer, parts.bundle.meta, parts.plan
     log.info("%s | %s (%d params) | %s p=%s | %d train / %d test | %s | %d steps/epoch",
              meta.name, cfg.model.name, facts.params, cfg.corruption.name, cfg.corruption.prob,
@@ -189,7 +212,8 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
     bar = progress.make(t.progress, plan.max_steps, t.log_every_s)
     recorder = Recorder(record, facts, model=parts.model, optimizer=parts.optimizer,
                         scheduler=parts.scheduler, probes=parts.probes, snapshots=t.snapshots,
-                        snapshot_points=parts.snapshot_points, bar=bar, guard=guard)
+                        snapshot_points=parts.snapshot_points, bar=bar, guard=guard,
+                        objective=parts.objective, sinks=sinks or trackers.TrackerSet({}))
     state.steps_per_epoch = plan.steps_per_epoch
     recorder.start(state)
     try:
@@ -201,7 +225,7 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
     except BaseException as e:
         state.status = FAILED
         facts.error = f"{type(e).__name__}: {e}"
-        recorder.write_summary(state)
+        recorder.sinks.finish(recorder.write_summary(state))
         raise
     summary = recorder.finish(state, log_x=t.eval_schedule == "log",
                               title=f"{cfg.model.name} on {meta.name}, "

@@ -52,8 +52,12 @@ class RunDir:
         return any((self.path / name).exists() for name in RECORD)
 
     # -------------------------------------------------------------- manifest
-    def folder(self, rel: str) -> Path:
-        """A folder of the run; created (and so owned by dgrun) if it does not exist."""
+    def folder(self, rel: str, whole: bool = False) -> Path:
+        """A folder of the run; created (and so owned by dgrun) if it does not exist.
+
+        whole: dgrun (or a tool it drives: TensorBoard, MLflow) owns everything that will be
+        written inside a folder it created, so clearing removes the whole tree.
+        """
         path = self.path / rel
         missing = []
         for parent in [path, *path.parents]:
@@ -62,7 +66,10 @@ class RunDir:
             missing.append(parent)
         for parent in reversed(missing):
             parent.mkdir()
-        self._note(os.path.relpath(p, self.path) + "/" for p in reversed(missing))
+        entries = [os.path.relpath(p, self.path) + "/" for p in reversed(missing)]
+        if whole and missing and missing[0] == path:
+            entries[-1] += "**"
+        self._note(entries)
         return path
 
     def claim(self, path: Path) -> Path:
@@ -98,13 +105,12 @@ class RunDir:
         """Remove what dgrun wrote here (files, then the folders it made if now empty)."""
         entries = self._manifest() or self._legacy_record()
         for entry in entries:
-            if not entry.endswith("/"):
+            if entry.endswith("/**"):
+                shutil.rmtree(self.path / entry[:-3], ignore_errors=True)
+            elif not entry.endswith("/"):
                 (self.path / entry).unlink(missing_ok=True)
-        # Checkpoint files come and go (previous.pt, snapshots, temporary files): dgrun owns
-        # everything in a checkpoints/ folder it created.
-        if "checkpoints/" in entries:
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
-        for entry in sorted((e for e in entries if e.endswith("/")), key=len, reverse=True):
+        folders = [e.removesuffix("**") for e in entries if e.endswith(("/", "/**"))]
+        for entry in sorted(folders, key=len, reverse=True):
             try:
                 (self.path / entry).rmdir()
             except OSError:

@@ -149,6 +149,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         record()
     model.train()
     order = None
+    every_row = torch.arange(n, device=device)  # a full batch's row indices, for objectives
     clock.start()
     while plan.max_steps is None or state.step < plan.max_steps:
         epoch, position = divmod(state.step, spe)
@@ -156,7 +157,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         if train.stream is not None:
             xb, yb = train.stream(state.step, bs, device)
         elif bs >= n:
-            xb, yb = train.x, train.y
+            xb, yb, idx = train.x, train.y, every_row
         else:
             if order is None or position == 0:
                 order = epoch_order(plan.seed, epoch, n, device)
