@@ -121,11 +121,17 @@ def train_task(cfg) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     run_dir = _run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    def on_start(record) -> None:
+        write_hydra_record(record, hydra_cfg, cfg)
+        if not cfg.get("quiet"):
+            from dgrun.console import show_config
+
+            show_config(cfg, run_dir)
+
     try:
         summary = run(from_hydra(cfg), run_dir, plain(cfg),
                       job_num=hydra_cfg.job.num if multirun else None,
-                      overrides=list(hydra_cfg.overrides.task),
-                      on_start=lambda record: write_hydra_record(record, hydra_cfg, cfg))
+                      overrides=list(hydra_cfg.overrides.task), on_start=on_start)
     except UserError as e:
         if multirun:
             # In a sweep the other jobs go on: record this one as failed, for the report.
@@ -137,6 +143,10 @@ def train_task(cfg) -> Optional[float]:
             raise
         _cleanup_fresh_dir(run_dir)
         fail(e.problem, e.fix)
+    if not cfg.get("quiet") and summary:
+        from dgrun.console import show_summary
+
+        show_summary(summary, run_dir)
     if summary.get("status") == "preempted":
         # A signal stops the whole command, not just this job: a sweep must not go on to its
         # next job after SIGTERM. Re-running the same command resumes from the checkpoints.
@@ -155,7 +165,37 @@ def _hydra_main(conf: Path) -> Callable[[], None]:
 SUBCOMMANDS: dict[str, str] = {  # name -> "module:function", dispatched before Hydra
     "report": "dgrun.report:main",
     "slurm": "dgrun.slurm:main",
+    "list": "dgrun.catalog:list_main",
+    "inspect": "dgrun.catalog:inspect_main",
+    "show": "dgrun.show:main",
 }
+
+
+def _version() -> str:
+    import platform
+
+    from dgrun import __version__
+
+    try:
+        import hydra
+        import torch
+
+        return (f"dgrun {__version__} (torch {torch.__version__}, hydra {hydra.__version__}, "
+                f"python {platform.python_version()})")
+    except ImportError:
+        return f"dgrun {__version__}"
+
+
+def _check_command(word: str) -> None:
+    """A bare word where an override should be is a mistyped subcommand (`dgrun repotr`)."""
+    import difflib
+
+    if "=" in word or word.startswith(("-", "+", "~")):
+        return
+    close = difflib.get_close_matches(word, list(SUBCOMMANDS), n=1, cutoff=0.5)
+    hint = f"did you mean `dgrun {close[0]}`? " if close else ""
+    fail(f"unknown command '{word}'", f"{hint}commands: {', '.join(SUBCOMMANDS)}; "
+         "or give overrides like model=mlp3 (dgrun --help)")
 
 
 def _interrupted(signum=None, frame=None) -> None:
@@ -189,6 +229,11 @@ def _main(argv: Optional[list[str]]) -> None:
 
         module, func = SUBCOMMANDS[argv[0]].split(":")
         sys.exit(getattr(importlib.import_module(module), func)(argv[1:]))
+    if argv and argv[0] in ("--version", "-V"):
+        print(_version())
+        return
+    if argv:
+        _check_command(argv[0])
 
     register_schemas()
     try:

@@ -74,6 +74,7 @@ class RootSchema:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None        # torch CPU threads; null keeps torch's default
     deterministic: bool = False
+    quiet: bool = False                  # no config tree at the start, no summary at the end
     dataset: Any = field(default_factory=dict)
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
     model: Any = field(default_factory=dict)
@@ -106,8 +107,8 @@ def zhang_crop(dataset_name: str) -> Optional[int]:
 
     if dataset_name not in DATASETS:
         return None
-    size = DATASETS.tags(dataset_name).get("image_size")
-    return ZHANG_CROP.get(size)
+    shape = DATASETS.tags(dataset_name).get("shape")
+    return ZHANG_CROP.get(shape[-1]) if shape else None
 
 
 def register_schemas() -> None:

@@ -131,8 +131,8 @@ def interpolation_from_metrics(curve: pd.DataFrame, trainer: dict) -> dict:
     return {"reached": False}
 
 
-def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
-    """One run -> (swept values, the table row, its metrics curve or None).
+def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame], dict]:
+    """One run -> (swept values, the table row, its metrics curve or None, its config).
 
     A run is described by what it ran: the config and overrides stored in its summary.json
     (written with its checkpoints), and only for runs without one by `.hydra/`.
@@ -184,7 +184,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame]]:
         elif isinstance(value, dict):
             row.update({f"{key}_{k}": v for k, v in value.items() if _is_scalar(v)})
     row["error"] = summary.get("error") or problem
-    return swept, row, curve
+    return swept, row, curve, config
 
 
 def _first(*values):
@@ -206,14 +206,21 @@ def _number(value):
 def build_table(run_dirs: list[Path]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
     """-> (one row per run, {run_dir: metrics curve}, the override keys in first-seen order)."""
     base = Path(os.path.commonpath(run_dirs)) if len(run_dirs) > 1 else run_dirs[0].parent
-    rows, curves, keys = [], {}, {}
+    rows, curves, keys, configs = [], {}, {}, []
     for run_dir in run_dirs:
-        swept, row, curve = load_run(run_dir)
+        swept, row, curve, config = load_run(run_dir)
         keys.update(dict.fromkeys(swept))
         rows.append({"run": os.path.relpath(run_dir, base), "run_dir": str(run_dir),
                      **swept, **row})
+        configs.append(config)
         if curve is not None:
             curves[str(run_dir)] = curve
+    # A key one run's command set and another's left at its default: the default is its value.
+    for row, config in zip(rows, configs):
+        for key in keys:
+            if key not in row:
+                value = lookup(config, key)
+                row[key] = value if isinstance(value, (int, float, str, bool)) else None
     table = pd.DataFrame(rows)
     for column in ("seed", "steps", "params", "interpolation_step", *keys):
         if column in table and (column not in keys or table[column].isna().any()):
@@ -283,7 +290,8 @@ def print_summary(table: pd.DataFrame, swept: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped or logged, rich would cut the table to 80 columns: give it room instead.
+    console = Console(width=None if sys.stdout.isatty() else 200)
     shown = swept + (["seed"] if table["seed"].astype(str).nunique() > 1 else [])
     grid = Table(title=f"{len(table)} runs", title_justify="left")
     styles = {"completed": "green", "stopped": "green", "running": "yellow",
@@ -342,6 +350,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "corruption figures: prob)")
     p.add_argument("--y", metavar="KEY", help="with --x: also draw <y>_vs_<x>.png")
     p.add_argument("--hue", metavar="KEY", help="one line per value of this column")
+    p.add_argument("--curve", metavar="COLUMN", action="append", default=[],
+                   help="also draw <COLUMN>_curves.png: a metrics.csv column over training "
+                        "(repeatable), e.g. --curve test_worst_group_acc --curve adv_acc")
     p.add_argument("--html", action="store_true",
                    help="also write report.html, interactive and self-contained (needs plotly)")
     p.add_argument("--no-figures", action="store_true", help="only the table")
@@ -364,10 +375,10 @@ def check_keys(table: pd.DataFrame, args: argparse.Namespace) -> None:
 
 def report(paths: list[Path], out: Optional[Path] = None, x: Optional[str] = None,
            y: Optional[str] = None, hue: Optional[str] = None, html: bool = False,
-           figures: bool = True) -> pd.DataFrame:
+           figures: bool = True, curve: tuple[str, ...] = ()) -> pd.DataFrame:
     """The report, from Python: writes into `out` and returns the runs table."""
     args = argparse.Namespace(paths=paths, out=out, x=x, y=y, hue=hue, html=html,
-                              no_figures=not figures)
+                              no_figures=not figures, curve=list(curve))
     return _report(args)
 
 
@@ -380,6 +391,10 @@ def _report(args: argparse.Namespace) -> pd.DataFrame:
                             "pip install 'dgrun[report]'") from None
     table, curves, keys = build_table(find_run_dirs(args.paths))
     check_keys(table, args)
+    unknown = [c for c in args.curve if not any(c in frame for frame in curves.values())]
+    if unknown:
+        raise UserError(f"--curve {unknown[0]} is not a metrics.csv column of these runs",
+                        "metrics.csv's header lists them, e.g. test_acc")
     out = args.out or args.paths[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     notes = write_table(table, out)
@@ -391,8 +406,9 @@ def _report(args: argparse.Namespace) -> pd.DataFrame:
 
         for stale in report_figures.STANDARD:  # from an earlier report; may not apply now
             (out / f"{stale}.png").unlink(missing_ok=True)
+
         figs, skipped = report_figures.build(table, curves, swept, x=args.x, y=args.y,
-                                             hue=args.hue)
+                                             hue=args.hue, curve=tuple(args.curve))
         notes += skipped
         written += [report_figures.save_png(fig, out) for fig in figs]
         if args.html:

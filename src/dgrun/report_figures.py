@@ -12,6 +12,7 @@ are averaged: the line is the mean, the band or error bar spans min to max.
 from __future__ import annotations
 
 import html
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,7 @@ class Panel:
     lines: list[Line]
     band: bool = False  # spread as a shaded band (curves) or as error bars (sweep points)
     log_y: bool = False
+    log_x: bool = False
     legend_title: str = ""
     xlim: Optional[tuple] = None  # the whole sweep's range, even where only some points remain
 
@@ -116,31 +118,59 @@ def versus(table: pd.DataFrame, x: str, y: str, keys: list[str], title: str, yla
 
 
 def learning_curves(table: pd.DataFrame, curves: dict, keys: list[str]) -> Optional[Figure]:
+    fig = metric_curves(table, curves, keys, ["train_loss", "train_acc"], "learning_curves",
+                        "Learning curves (Zhang et al. 2017, Fig. 1a)")
+    if fig is not None:
+        fig.panels[0].title, fig.panels[0].ylabel = "training loss", "train loss"
+        if len(fig.panels) > 1:
+            fig.panels[1].title, fig.panels[1].ylabel = "training accuracy", "train accuracy"
+    return fig
+
+
+def metric_curves(table: pd.DataFrame, curves: dict, keys: list[str], metrics: list[str],
+                  name: str, title: str) -> Optional[Figure]:
+    """One panel per metrics.csv column vs step, one line per combination of `keys` (mean over
+    seeds, band min to max). Log-scaled steps when the runs evaluated on a log schedule; a
+    loss panel log-scaled in y when it is positive."""
     runs = table[table["run_dir"].isin(list(curves))]
     if runs.empty:
         return None
     groups = grouped(runs, keys)
     palette = styles(keys, [g for g, _ in groups], runs)
-    panels = [Panel("training loss", "step", "train loss", [], band=True, log_y=True,
-                    legend_title=", ".join(keys)),
-              Panel("training accuracy", "step", "train accuracy", [], band=True,
-                    legend_title=", ".join(keys))]
+    panels = [Panel(metric, "step", metric, [], band=True, legend_title=", ".join(keys))
+              for metric in metrics]
     for (values, part), style in zip(groups, palette):
         seeds = len(part)
         label = label_of(keys, values) + (f" ({seeds} runs)" if seeds > 1 else "")
-        for panel, metric in zip(panels, ("train_loss", "train_acc")):
-            series = [curves[r].set_index("step")[metric].rename(r)
+        for panel, metric in zip(panels, metrics):
+            series = [curves[r].set_index("step")[metric].dropna().rename(r)
                       for r in part["run_dir"] if metric in curves[r]]
+            series = [s for s in series if len(s)]
             if not series:
                 continue
             wide = pd.concat(series, axis=1).sort_index()  # step x run; runs may stop early
             panel.lines.append(Line(label, list(wide.index), list(wide.mean(axis=1)),
                                     list(wide.min(axis=1)), list(wide.max(axis=1)),
                                     list(wide.count(axis=1)), *style))
-    loss = [v for line in panels[0].lines for v in line.lo if pd.notna(v)]
-    panels[0].log_y = bool(loss) and min(loss) > 0
-    return Figure("learning_curves", "Learning curves (Zhang et al. 2017, Fig. 1a)",
-                  [p for p in panels if p.lines], note=_spread_note(runs, keys))
+    log_x = _log_spaced([curves[r]["step"] for r in runs["run_dir"]])
+    for panel in panels:
+        low = [v for line in panel.lines for v in line.lo if pd.notna(v)]
+        panel.log_y = "loss" in panel.title and bool(low) and min(low) > 0
+        panel.log_x = log_x
+    panels = [p for p in panels if p.lines]
+    if not panels:
+        return None
+    return Figure(name, title, panels, note=_spread_note(runs, keys))
+
+
+def _log_spaced(step_columns) -> bool:
+    """Evaluations at roughly constant ratios (dgrun's log schedule) rather than intervals."""
+    for steps in step_columns:
+        steps = [s for s in steps if s > 0]
+        if len(steps) >= 8 and steps[-1] / steps[0] >= 100:
+            gaps = np.diff(steps)
+            return bool(gaps[-1] > 10 * max(1, gaps[0]))
+    return False
 
 
 def _spread_note(runs: pd.DataFrame, keys: list[str]) -> str:
@@ -166,7 +196,8 @@ def line_keys(swept: list[str], x: str, hue: Optional[str]) -> list[str]:
 
 
 def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] = None,
-          y: Optional[str] = None, hue: Optional[str] = None) -> tuple[list[Figure], list[str]]:
+          y: Optional[str] = None, hue: Optional[str] = None,
+          curve: tuple[str, ...] = ()) -> tuple[list[Figure], list[str]]:
     """-> (figures to draw, notes on those skipped)."""
     figures, skipped = [], []
     fig = learning_curves(table, curves, line_keys(swept, None, hue))
@@ -174,6 +205,13 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
         figures.append(fig)
     else:
         skipped.append("learning_curves.png skipped: no run has metrics.csv rows")
+    for metric in curve:
+        fig = metric_curves(table, curves, line_keys(swept, None, hue), [metric],
+                            f"{metric}_curves", f"{metric} over training")
+        if fig:
+            figures.append(fig)
+        else:
+            skipped.append(f"{metric}_curves.png skipped: no run measured {metric}")
     finished = table[table["status"].isin(FINISHED)]
     axis = x or "prob"
     keys = [k for k in line_keys(swept, axis, hue) if k != axis]
@@ -260,6 +298,8 @@ def save_png(fig: Figure, out: Path) -> Path:
             ax.set_xticks(range(len(ticks)), [str(t) for t in ticks])
         if panel.log_y:
             ax.set_yscale("log")
+        if panel.log_x:
+            ax.set_xscale("log")
         ax.set_title(panel.title if n > 1 else "")  # one panel: the figure's title says it
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
@@ -275,7 +315,9 @@ def save_png(fig: Figure, out: Path) -> Path:
     canvas.suptitle(fig.title)
     if fig.note:
         canvas.text(0.5, 0.01, fig.note, ha="center", va="bottom", fontsize=8, color="0.35")
-    canvas.tight_layout(rect=(0, 0.04 if fig.note else 0, 1, 1))
+    with warnings.catch_warnings():  # a crowded legend: tight_layout gives up, bbox fixes it
+        warnings.simplefilter("ignore", UserWarning)
+        canvas.tight_layout(rect=(0, 0.04 if fig.note else 0, 1, 1))
     path = out / f"{fig.name}.png"
     canvas.savefig(path, bbox_inches="tight")
     plt.close(canvas)
@@ -310,7 +352,8 @@ def plotly_figure(fig: Figure):
                                        error_y=error, customdata=line.count,
                                        hovertemplate="%{x}: %{y:.4g} (%{customdata} runs)",
                                        **common), row=1, col=col)
-        chart.update_xaxes(title_text=panel.xlabel, range=panel.xlim, row=1, col=col)
+        chart.update_xaxes(title_text=panel.xlabel, range=panel.xlim, row=1, col=col,
+                           type="log" if panel.log_x else None)
         chart.update_yaxes(title_text=panel.ylabel, type="log" if panel.log_y else None,
                            row=1, col=col)
     legend_title = fig.panels[0].legend_title if fig.panels else ""
@@ -324,6 +367,13 @@ def _rgba(hex_color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
+def _html_cell(value) -> str:
+    """None, NaN and <NA> alike as "-"; floats to 4 significant digits."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def save_html(figures: list[Figure], table: pd.DataFrame, swept: list[str], out: Path) -> Path:
     """One page, plotly.js inline (works offline): the figures, then the runs table."""
     parts = []
@@ -335,6 +385,7 @@ def save_html(figures: list[Figure], table: pd.DataFrame, swept: list[str], out:
     columns = ["run", *swept, "seed", "status", "stop_reason", "final_train_acc",
                "final_test_acc", "interpolation_step", "interpolation_time_s", "error"]
     shown = table[[c for c in dict.fromkeys(columns) if c in table]]
+    shown = shown.apply(lambda column: column.map(_html_cell))
     bad = table[~table["status"].isin(FINISHED)]
     count = (f"{len(bad)} of {len(table)} runs did not complete" if len(bad)
              else f"all {len(table)} runs completed")
@@ -344,7 +395,7 @@ def save_html(figures: list[Figure], table: pd.DataFrame, swept: list[str], out:
 td,th{{padding:2px 8px;border-bottom:1px solid #ddd}} .note{{color:#555;font-size:13px}}</style>
 </head><body><h1>dgrun report</h1><p>{html.escape(count)}.</p>
 {''.join(parts)}
-<section><h2>Runs</h2>{shown.to_html(index=False, na_rep="-", float_format="{:.4g}".format)}
+<section><h2>Runs</h2>{shown.to_html(index=False)}
 </section></body></html>
 """
     if not figures:  # the page still needs no network: nothing to embed

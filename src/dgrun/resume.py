@@ -31,7 +31,7 @@ RESUMABLE_KEYS = {
     "trainer.max_steps", "trainer.max_epochs", "trainer.max_time_s", "trainer.checkpoint_every",
     "trainer.snapshots", "trainer.progress", "trainer.log_every_s", "trainer.resume",
     "trainer.stop_at_interpolation", "trainer.eval_batch_size", "trainer.stall_patience",
-    "trainer.stall_min_delta", "trainer.min_lr", "device", "threads",
+    "trainer.stall_min_delta", "trainer.min_lr", "device", "threads", "quiet",
     "logger",  # the trackers a run reports to (the whole subtree)
 }
 

@@ -24,7 +24,7 @@ def _seeded_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return order[n_test:], order[:n_test]
 
 
-@DATASETS.register("digits", modality="image")
+@DATASETS.register("digits", modality="image", shape=(1, 8, 8), classes=10)
 def digits(*, test_fraction: float = 0.2, split_seed: int = 0) -> Bundle:
     """scikit-learn's 1,797 8x8 handwritten digits (16 grey levels), shipped in its wheel."""
     from sklearn.datasets import load_digits

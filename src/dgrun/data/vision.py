@@ -147,7 +147,7 @@ def _cifar_names(path: Path, key: bytes) -> list[str]:
         return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
 
 
-@DATASETS.register("cifar10", modality="image", image_size=32)
+@DATASETS.register("cifar10", modality="image", shape=(3, 32, 32), classes=10)
 def cifar10(*, root: str | None = None, download: bool = False) -> Bundle:
     base = _root(root)
     folder = base / "cifar-10-batches-py"
@@ -167,7 +167,7 @@ def cifar10(*, root: str | None = None, download: bool = False) -> Bundle:
     return _bundle("cifar10", train, test, num_classes, names)
 
 
-@DATASETS.register("cifar100", modality="image", image_size=32)
+@DATASETS.register("cifar100", modality="image", shape=(3, 32, 32), classes=100)
 def cifar100(*, root: str | None = None, download: bool = False) -> Bundle:
     base = _root(root)
     folder = base / "cifar-100-python"
@@ -248,12 +248,12 @@ def _mnist_like(name: str, title: str, subdir: str, tv_class: str, root: str | N
     return _bundle(name, splits["train"], splits["test"], len(class_names), class_names)
 
 
-@DATASETS.register("mnist", modality="image", image_size=28)
+@DATASETS.register("mnist", modality="image", shape=(1, 28, 28), classes=10)
 def mnist(*, root: str | None = None, download: bool = False) -> Bundle:
     return _mnist_like("mnist", "MNIST", "MNIST", "MNIST", root, download, [str(d) for d in range(10)])
 
 
-@DATASETS.register("fashion_mnist", modality="image", image_size=28)
+@DATASETS.register("fashion_mnist", modality="image", shape=(1, 28, 28), classes=10)
 def fashion_mnist(*, root: str | None = None, download: bool = False) -> Bundle:
     return _mnist_like("fashion_mnist", "Fashion-MNIST", "FashionMNIST", "FashionMNIST", root, download,
                        FASHION_MNIST_NAMES)
@@ -273,7 +273,7 @@ def _read_svhn(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@DATASETS.register("svhn", modality="image", image_size=32)
+@DATASETS.register("svhn", modality="image", shape=(3, 32, 32), classes=10)
 def svhn(*, root: str | None = None, download: bool = False) -> Bundle:
     folder = _root(root) / "svhn"
     train_file, test_file = folder / "train_32x32.mat", folder / "test_32x32.mat"
@@ -341,7 +341,7 @@ def _tiny_val(folder: Path, index: dict[str, int]) -> tuple[list[Path], list[int
     return paths, labels
 
 
-@DATASETS.register("tiny_imagenet", modality="image", image_size=64)
+@DATASETS.register("tiny_imagenet", modality="image", shape=(3, 64, 64), classes=200)
 def tiny_imagenet(*, root: str | None = None, download: bool = False) -> Bundle:
     base = _root(root)
     folder = base / "tiny-imagenet-200"
