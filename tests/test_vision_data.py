@@ -254,6 +254,32 @@ def test_tiny_imagenet_reads_folders_and_val_annotations(tmp_path):
     assert int((grey - 128).abs().max()) <= 2  # greyscale comes back as three equal channels
 
 
+def test_tiny_imagenet_decodes_once_then_reads_its_cache(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from PIL import Image
+
+    from dgrun.data import vision
+
+    folder = _write_tiny_imagenet(tmp_path)
+    first = DATASETS.build("tiny_imagenet", root=str(tmp_path))
+    assert len(list((folder / vision.CACHE).glob("*/*.npy"))) == 2
+
+    def no_decoding(paths):
+        raise AssertionError("decoded again although the cache is current")
+
+    monkeypatch.setattr(vision, "_decode_all", no_decoding)
+    cached = DATASETS.build("tiny_imagenet", root=str(tmp_path))
+    assert torch.equal(cached.train.x, first.train.x) and torch.equal(cached.test.x, first.test.x)
+    monkeypatch.undo()
+    image = folder / "val" / "images" / "val_0.JPEG"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(image, quality=95)  # a changed image
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = DATASETS.build("tiny_imagenet", root=str(tmp_path))
+    assert not torch.equal(changed.test.x[0], first.test.x[0])
+
+
 def test_tiny_imagenet_missing_val_image_names_the_file(tmp_path):
     folder = _write_tiny_imagenet(tmp_path)
     (folder / "val" / "images" / "val_1.JPEG").unlink()

@@ -110,6 +110,15 @@ def write_hydra_record(record, hydra_cfg, cfg) -> None:
         OmegaConf.save(node, record.claim(record.hydra / name))
 
 
+def _parallel_jobs(hydra_cfg) -> int:
+    """Jobs a local parallel sweep (hydra/launcher=local, joblib) runs at once."""
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in str(
+        hydra_cfg.launcher.get("_target_", "")) else None
+    if n_jobs is None:
+        return 1
+    return (os.cpu_count() or 1) if int(n_jobs) < 0 else max(1, int(n_jobs))
+
+
 def train_task(cfg) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -131,7 +140,8 @@ def train_task(cfg) -> Optional[float]:
     try:
         summary = run(from_hydra(cfg), run_dir, plain(cfg),
                       job_num=hydra_cfg.job.num if multirun else None,
-                      overrides=list(hydra_cfg.overrides.task), on_start=on_start)
+                      overrides=list(hydra_cfg.overrides.task), on_start=on_start,
+                      parallel_jobs=_parallel_jobs(hydra_cfg) if multirun else 1)
     except UserError as e:
         if multirun:
             # In a sweep the other jobs go on: record this one as failed, for the report.

@@ -72,7 +72,7 @@ class CorruptionConfig:
 class RootSchema:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None        # torch CPU threads; null keeps torch's default
+    threads: Any = "auto"                # auto | N | null (torch's own choice); see runtime
     deterministic: bool = False
     quiet: bool = False                  # no config tree at the start, no summary at the end
     dataset: Any = field(default_factory=dict)
@@ -137,7 +137,7 @@ class Component:
 class RunConfig:
     seed: int
     device: str
-    threads: Optional[int]
+    threads: Any                       # "auto", an int, or None
     deterministic: bool
     dataset: Component
     pipeline: dict[str, Any]
@@ -282,7 +282,12 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     if trainer.max_steps is None and trainer.max_epochs is None and trainer.max_time_s is None:
         raise UserError("training has no budget: trainer.max_steps, max_epochs and max_time_s "
                         "are all null", "set at least one of them")
-    _check_range("threads", raw.get("threads"))
+    threads = raw.get("threads")
+    if threads != "auto" and threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise UserError(f"threads={threads!r} is not a thread count",
+                            "use threads=auto, threads=N (N >= 1) or threads=null")
+        _check_range("threads", threads)
     device = str(raw["device"])
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
         raise UserError(f"device={device!r} is not a device", "use auto, cpu, cuda or cuda:N")
@@ -317,7 +322,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         raise UserError(f"corruption '{corruption.name}' needs image or vector data",
                         "use a label corruption for token datasets")
     return RunConfig(
-        seed=int(raw["seed"]), device=device, threads=raw.get("threads"),
+        seed=int(raw["seed"]), device=device, threads=threads,
         deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
         corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
         phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, objective=objective,

@@ -36,6 +36,18 @@ class Facts:
     resumed_at_steps: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     error: Optional[str] = None
+    train_size: int = 0
+    batch_size: int = 0
+
+
+def throughput(state: State, n: int, batch: int) -> dict:
+    """Training samples and steps per second of training time (evaluation excluded)."""
+    if not state.train_time_s or not state.steps_per_epoch or not batch:
+        return {"train_samples_per_s": None, "steps_per_s": None}
+    epochs, position = divmod(state.step, state.steps_per_epoch)
+    samples = epochs * n + min(position * batch, n)  # an epoch's last batch may be short
+    return {"train_samples_per_s": samples / state.train_time_s,
+            "steps_per_s": state.step / state.train_time_s}
 
 
 def summarize(state: State, facts: Facts, probes: Sequence[Probe] = ()) -> dict:
@@ -46,6 +58,7 @@ def summarize(state: State, facts: Facts, probes: Sequence[Probe] = ()) -> dict:
         "status": state.status, "stop_reason": state.stop_reason,
         "steps": state.step, "epochs": state.step / spe if spe else None,
         "time_s": state.train_time_s, "wall_s": time.time() - facts.started,
+        "throughput": throughput(state, facts.train_size, facts.batch_size),
         "params": facts.params, "final": final, "interpolation": state.interpolation,
         **facts.described, "resumed_at_steps": facts.resumed_at_steps,
     }

@@ -146,11 +146,12 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, 
 
 def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         job_num: Optional[int] = None, overrides: Optional[list[str]] = None,
-        on_start: Optional[Callable[[RunDir], None]] = None) -> dict:
+        on_start: Optional[Callable[[RunDir], None]] = None, parallel_jobs: int = 1) -> dict:
     """Train one run into `run_dir`, or continue it, or leave it be when it has finished.
 
     config: the resolved config (stored with every checkpoint: a resume must match it).
     job_num: the job's number in a sweep (picks its GPU when several are visible).
+    parallel_jobs: jobs of a local sweep running at once (threads=auto divides the CPUs).
     on_start: called once the run will train, before anything is written (the CLI writes
     `.hydra/` there, so a refused or finished run's directory stays exactly as it was).
     """
@@ -168,12 +169,20 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     if on_start is not None:
         on_start(record)
     sinks = trackers.build(cfg.logger)  # before the data: a tracker that cannot start says so
-    device = runtime.configure(threads=cfg.threads, deterministic=cfg.deterministic,
-                               device=cfg.device, job_num=job_num)
+    auto = cfg.threads == "auto"
+    device = runtime.configure(
+        threads=max(1, runtime.available_cpus() // parallel_jobs) if auto else cfg.threads,
+        deterministic=cfg.deterministic, device=cfg.device, job_num=job_num)
     seed_everything(cfg.seed)
     parts = build(cfg, device)
+    if auto and device.type == "cpu":
+        batch = parts.bundle.train.x[:1].expand(parts.plan.batch_size,
+                                                *parts.bundle.train.x.shape[1:])
+        macs = runtime.step_macs(parts.model, parts.bundle.prepare(batch))
+        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
     facts = Facts(described=describe(cfg, parts.bundle, device),
-                  params=models.count_params(parts.model), config=config, overrides=overrides)
+                  params=models.count_params(parts.model), config=config, overrides=overrides,
+                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size)
     state = State()
     if decision.payload is not None:
         state = restore(parts, decision.payload)

@@ -6,15 +6,75 @@ current CUDA device) would otherwise carry into the next one.
 """
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
 from dgrun.errors import UserError
 
 # What torch chose for this process before any run changed it: `threads=null` restores it.
 INITIAL_THREADS = torch.get_num_threads()
+
+
+# Below this much work per training step (multiply-accumulates of the Linear and Conv layers,
+# forward pass, whole batch), a second thread costs more in hand-offs than it saves:
+# benchmarks/threads.py measured the digits MLP (5M) and MLP 1x512 on CIFAR-sized input
+# (0.15G) no faster with 2 threads, and much slower on a busy machine, while WRN-16-3 (29G)
+# gains. See benchmarks/README.md.
+SMALL_STEP_MACS = 1e9
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, its cgroup's quota and Slurm's allocation."""
+    counts = [len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else os.cpu_count() or 1]
+    try:  # cgroup v2: "max 100000" (no limit) or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            counts.append(math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        counts.append(int(slurm))
+    return max(1, min(counts))
+
+
+def auto_threads(step_macs: float, parallel_jobs: int = 1) -> int:
+    """`threads=auto`: this job's share of the CPUs, or 1 for a model too small to gain."""
+    if step_macs < SMALL_STEP_MACS:
+        return 1
+    return max(1, available_cpus() // max(1, parallel_jobs))
+
+
+def step_macs(model: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass of `x` through the Linear and Conv layers."""
+    total = [0.0]
+
+    def count(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(module, nn.Linear):
+            total[0] += out.numel() * module.in_features
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            per_output = module.weight[0].numel()  # in_channels / groups * kernel volume
+            total[0] += out.numel() * per_output
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total[0]
 
 
 def configure(*, threads: Optional[int], deterministic: bool, device: str,

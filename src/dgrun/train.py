@@ -134,6 +134,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         ev = Evaluation(model, train, test, prepare=prepare, batch_size=plan.eval_batch_size,
                         step=state.step, lr=row["lr"], val=val)
         row.update(measure(ev, eval_loss_sum, probes))
+        plan.eval_batch_size = ev.batch_size  # smaller after an out-of-memory back-off
         state.rows.append(row)
         hooks.on_eval(state, row)
         return row

@@ -319,6 +319,47 @@ def _decode_all(paths: Sequence[Path]) -> np.ndarray:
     return images
 
 
+CACHE = ".dgrun-cache"
+
+
+def _decoded(folder: Path, parts: dict[str, Sequence[Path]]) -> list[np.ndarray]:
+    """Every image of each part, decoded once and kept as one uint8 array file per part.
+
+    Decoding 110k JPEGs takes minutes; reading the arrays back takes seconds. The cache lives
+    under the data root, keyed by the files' names, sizes and modification times, so a changed
+    or added image decodes afresh. A read-only data root just decodes every time.
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    try:
+        for name, paths in parts.items():
+            digest.update(name.encode())
+            for path in paths:
+                stat = path.stat()
+                digest.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}"
+                              .encode())
+    except FileNotFoundError:  # decoding names the missing file in one line
+        return [_decode_all(paths) for paths in parts.values()]
+    cache = folder / CACHE / digest.hexdigest()
+    files = {name: cache / f"{name}_x.npy" for name in parts}
+    if all(f.is_file() for f in files.values()):
+        try:
+            return [np.load(files[name]) for name in parts]
+        except (OSError, ValueError):
+            pass  # a damaged cache: decode again and rewrite it
+    arrays = [_decode_all(paths) for paths in parts.values()]
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for (name, path), array in zip(files.items(), arrays):
+            from dgrun.files import write_atomic
+
+            write_atomic(path, lambda f, a=array: np.save(f, a), fsync=False)
+    except OSError:
+        pass  # a read-only data root: no cache
+    return arrays
+
+
 def _tiny_class_names(folder: Path, wnids: Sequence[str]) -> list[str]:
     """Human-readable names from words.txt when it is there, else the WordNet ids themselves."""
     words_file = folder / "words.txt"
@@ -372,6 +413,7 @@ def tiny_imagenet(*, root: str | None = None, download: bool = False) -> Bundle:
         raise UserError(f"Tiny ImageNet has no training images under {folder}/train/<wnid>/images/",
                         "the dataset looks incomplete; fetch it again")
     val_paths, val_labels = _tiny_val(folder, index)
-    train = _split(_decode_all(train_paths), np.array(train_labels), len(wnids), folder / "train")
-    test = _split(_decode_all(val_paths), np.array(val_labels), len(wnids), folder / "val")
+    train_x, val_x = _decoded(folder, {"train": train_paths, "val": val_paths})
+    train = _split(train_x, np.array(train_labels), len(wnids), folder / "train")
+    test = _split(val_x, np.array(val_labels), len(wnids), folder / "val")
     return _bundle("tiny_imagenet", train, test, len(wnids), _tiny_class_names(folder, wnids))

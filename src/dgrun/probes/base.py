@@ -15,12 +15,15 @@ row in one transfer. Detection (memorization, generalization, abrupt transitions
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
 from dgrun.data.bundle import Split
+
+log = logging.getLogger("dgrun")
 
 Value = float | int | Tensor
 
@@ -45,12 +48,25 @@ class Evaluation:
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Logits for stored rows (pixels for images), in eval mode, in evaluation-sized chunks."""
+        """Logits for stored rows (pixels for images), in eval mode, in evaluation-sized chunks.
+
+        A chunk that runs out of device memory is retried at half the size, and the smaller
+        size is kept (`batch_size`; the loop carries it to later evaluations)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return torch.cat([self.model(self.prepare(x[i:i + self.batch_size])).float()
-                              for i in range(0, len(x), self.batch_size)])
+            while True:
+                try:
+                    return torch.cat([self.model(self.prepare(x[i:i + self.batch_size])).float()
+                                      for i in range(0, len(x), self.batch_size)])
+                except torch.OutOfMemoryError:
+                    if self.batch_size == 1:
+                        raise
+                    self.batch_size //= 2
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    log.warning("evaluation ran out of device memory; trainer.eval_batch_size "
+                                "is now %d for this run", self.batch_size)
         finally:
             self.model.train(was_training)
 
