@@ -82,3 +82,106 @@ def test_images_stay_uint8_on_the_device_and_are_normalized_per_batch(tmp_path):
     assert inputs.dtype == torch.float32
     assert inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # standardized with train statistics
     assert torch.allclose(inputs.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
+
+
+def _rows(run_dir):
+    from conftest import read_metrics
+
+    return [{k: float(v) for k, v in r.items() if k != "time_s" and v != ""}
+            for r in read_metrics(run_dir)]
+
+
+def _close(a, b, tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], abs=tol, rel=tol), (k, x["step"])
+
+
+def test_channels_last_and_bf16_match_the_default_and_resume_exactly(tmp_path):
+    base = ["model=alexnet", "trainer.max_steps=16", "trainer.unit=step", "trainer.eval_every=8",
+            "trainer.stop_at_interpolation=false", "quiet=true", "threads=1"]
+    dgrun(*base, f"hydra.run.dir={tmp_path / 'fp32'}")
+    dgrun(*base, "trainer.channels_last=true", f"hydra.run.dir={tmp_path / 'nhwc'}")
+    _close(_rows(tmp_path / "nhwc"), _rows(tmp_path / "fp32"), 1e-4)
+    dgrun(*base, "trainer.precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
+    _close(_rows(tmp_path / "bf16"), _rows(tmp_path / "fp32"), 0.05)
+    # Exact resume with both on: 8 steps, then on to 16, equals 16 straight.
+    both = [*base[1:], "model=alexnet", "trainer.precision=bf16", "trainer.channels_last=true"]
+    split = tmp_path / "split"
+    dgrun(*[a for a in both if "max_steps" not in a], "trainer.max_steps=8",
+          f"hydra.run.dir={split}")
+    dgrun(*both, f"hydra.run.dir={split}")
+    dgrun(*both, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert _rows(split) == _rows(tmp_path / "straight")
+
+
+def test_training_steps_never_wait_for_the_device():
+    """Between evaluations nothing reads a tensor's value on the host (.item(), bool(),
+    .tolist(), .cpu()): on a GPU each would stall the queue of kernels every step."""
+    from dgrun.data.bundle import Split
+    from dgrun.losses import LOSSES
+    from dgrun.train import Plan, State, fit
+
+    reads = {"n": 0}
+    watching = {"on": False}
+
+    class Hooks:
+        def on_step(self, state):
+            watching["on"] = True  # from the first step's end to the next evaluation
+        def on_eval(self, state, row):
+            pass
+        def save(self, state, reason):
+            pass
+        def stop_requested(self):
+            return None
+
+    import dgrun.train
+
+    measure = dgrun.train.measure
+
+    def measuring(*args, **kwargs):  # an evaluation syncs once, by design
+        watching["on"] = False
+        return measure(*args, **kwargs)
+
+    patched = {}
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, **kwargs):
+            if watching["on"]:
+                reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        patched[name] = original
+        setattr(torch.Tensor, name, spy)
+    dgrun.train.measure = measuring
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.1), torch.nn.Linear(16, 3))
+        split = Split(torch.randn(256, 8), torch.randint(3, (256,)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99 ** s)
+        loss, eval_loss = LOSSES.build("cross_entropy")
+        plan = Plan(seed=0, batch_size=32, steps_per_epoch=8, max_steps=40, max_time_s=None,
+                    is_eval_step=lambda s: s % 20 == 0, is_checkpoint_step=lambda s: False,
+                    stop_at_interpolation=False, grad_clip=1.0)
+        state = fit(model, split, split, opt, sched, lambda o, y, r: loss(o, y), eval_loss,
+                    plan, State(), Hooks())
+    finally:
+        dgrun.train.measure = measure
+        for name, original in patched.items():
+            setattr(torch.Tensor, name, original)
+    assert state.step == 40 and len(state.rows) == 3
+    assert reads["n"] == 0
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path):
+    base = ["trainer.max_steps=24", "trainer.unit=step", "trainer.eval_every=8",
+            "trainer.stop_at_interpolation=false", "quiet=true", "threads=1"]
+    dgrun(*base, f"hydra.run.dir={tmp_path / 'eager'}")
+    dgrun(*base, "trainer.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}", timeout=900)
+    _close(_rows(tmp_path / "compiled"), _rows(tmp_path / "eager"), 1e-4)

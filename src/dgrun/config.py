@@ -54,6 +54,9 @@ class TrainerConfig:
     min_lr: Optional[float] = None       # stop (stalled) once the lr has decayed below this
     checkpoint_every: int = 0            # 0: only at the threshold, on signals and at the end
     snapshots: str = "none"              # none | log | every: extra checkpoints kept for analysis
+    precision: str = "fp32"              # fp32 | bf16 (autocast; on a GPU, about twice as fast)
+    channels_last: bool = False          # NHWC image batches (faster convolutions on GPUs)
+    compile: bool = False                # torch.compile the training step (a GPU, long runs)
     resume: bool = True
     progress: str = "auto"               # auto | rich | plain | none
     log_every_s: float = 10.0            # cadence of plain log lines (non-TTY)
@@ -192,6 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.loss": ("cross_entropy", "mse"),
     "trainer.snapshots": ("none", "log", "every"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
+    "trainer.precision": ("fp32", "bf16"),
 }
 
 

@@ -70,7 +70,7 @@ def make_plan(t: TrainerConfig, n_train: int, seed: int) -> tuple[Plan, set[int]
                 interpolation_loss=t.interpolation_loss, grad_clip=t.grad_clip,
                 eval_batch_size=t.eval_batch_size, max_steps_reason=reason,
                 stall_patience=t.stall_patience, stall_min_delta=t.stall_min_delta,
-                min_lr=t.min_lr)
+                min_lr=t.min_lr, precision=t.precision, channels_last=t.channels_last)
     return plan, snapshot_points
 
 
@@ -83,6 +83,7 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     objective: Objective
     eval_loss: Callable
+    forward: Callable             # what training steps call: the model, or torch.compile of it
     augment: Optional[Callable]
     probes: list[probes.Probe]
     plan: Plan
@@ -98,6 +99,8 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
                                  modality=meta.modality, input_shape=meta.input_shape)
     model = models.create(cfg.model.name, meta.input_shape, meta.num_classes, meta.modality,
                           vocab_size=meta.vocab_size, **cfg.model.options).to(device)
+    if cfg.trainer.channels_last and meta.modality == "image":
+        model = model.to(memory_format=torch.channels_last)
     plan, snapshot_points = make_plan(cfg.trainer, len(bundle.train), cfg.seed)
     optimizer, scheduler = optim.build(model, cfg.optimizer.name, cfg.optimizer.options,
                                        cfg.scheduler.name, cfg.scheduler.options,
@@ -108,8 +111,11 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
         cfg.objective.name, train=bundle.train, num_groups=len(meta.extra.get("groups", [0])),
         per_example_loss=lambda out, y: loss(out, y, reduction="none"), **cfg.objective.options)
     probe_list = probes.build({p.name: p.options for p in cfg.probes}, meta=meta, seed=cfg.seed)
-    return Parts(bundle, model, optimizer, scheduler, objective, eval_loss, augment, probe_list,
-                 plan, snapshot_points)
+    # Compiled for training steps only: the module itself keeps plain state_dict keys, and
+    # evaluation (varying batch shapes) does not trigger recompiles.
+    forward = torch.compile(model) if cfg.trainer.compile else model
+    return Parts(bundle, model, optimizer, scheduler, objective, eval_loss, forward, augment,
+                 probe_list, plan, snapshot_points)
 
 
 def restore(parts: Parts, payload: dict) -> State:
@@ -230,7 +236,7 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
             state = fit(parts.model, parts.bundle.train, parts.bundle.test, parts.optimizer,
                         parts.scheduler, parts.objective, parts.eval_loss, plan, state, recorder,
                         augment=parts.augment, prepare=parts.bundle.prepare, probes=parts.probes,
-                        val=parts.bundle.val)
+                        val=parts.bundle.val, forward=parts.forward)
     except BaseException as e:
         state.status = FAILED
         facts.error = f"{type(e).__name__}: {e}"

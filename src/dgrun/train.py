@@ -51,6 +51,8 @@ class Plan:
     stall_patience: Optional[int] = None  # see dgrun.stopping.stalled
     stall_min_delta: float = 0.01
     min_lr: Optional[float] = None
+    precision: str = "fp32"              # fp32 | bf16 (autocast: matmuls and convs in bfloat16)
+    channels_last: bool = False          # image batches in NHWC memory order (faster convs)
 
 
 def no_interpolation() -> dict:
@@ -109,12 +111,18 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         scheduler: torch.optim.lr_scheduler.LRScheduler, objective: Objective,
         eval_loss_sum: LossFn, plan: Plan, state: State, hooks: Hooks, *,
         augment: Optional[Augment] = None, prepare: Prepare = identity,
-        probes: Sequence[Probe] = (), val: Optional[Split] = None) -> State:
+        probes: Sequence[Probe] = (), val: Optional[Split] = None,
+        forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> State:
     """Train until a rule in `plan` ends the run; returns `state` with its status set.
 
     `prepare` turns stored rows into model inputs batch by batch (images: pixels -> floats);
     `augment` then perturbs training batches; probes add columns to every metrics row.
+    `forward` is what training steps call (a torch.compile'd model); evaluation, checkpoints
+    and probes use `model` itself.
     """
+    forward = forward or model
+    autocast = torch.autocast(train.y.device.type, dtype=torch.bfloat16,
+                              enabled=plan.precision == "bf16")
     device = train.y.device
     n, bs, spe = len(train), plan.batch_size, plan.steps_per_epoch
     state.steps_per_epoch = spe
@@ -167,10 +175,14 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
         xb = prepare(xb)
         if augment is not None:
             xb = augment(xb, state.step)
+        if plan.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         # Dropout and other in-model noise: derived from the step, so resume replays it.
         step_generator.manual_seed(derive_seed(plan.seed, "step", state.step))
 
-        loss = objective(model(xb), yb, idx)
+        with autocast:
+            out = forward(xb)
+        loss = objective(out.float(), yb, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if plan.grad_clip is not None:
