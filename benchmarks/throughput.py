@@ -13,6 +13,11 @@ Methods (the model, loss, optimizer and batch size are the same in all three):
               evaluation included, is recorded as wall_s.
   bare        a bare tensor loop: one randperm per epoch, x[perm[i:i+B]], forward, backward,
               step. The practical upper bound on a machine.
+  cli         the `dgrun` command itself, as a user runs it: the same samples written as real
+              CIFAR-10 pickle batches (32x32 uint8, centre-cropped to 28x28 by the pipeline,
+              normalized per batch), `dgrun dataset=cifar10 model=mlp1 ...` with evaluation
+              only at the end; its summary.json's throughput.train_samples_per_s (training
+              time only). Start-up, data loading and evaluation are reported as wall_s.
 
 Each method gets a freshly initialised model (same seed), a short warm-up, then --epochs timed
 epochs. Results print as a table and, with --out, append as JSON lines.
@@ -41,7 +46,7 @@ from dgrun.train import Plan, State, fit
 
 SHAPE = (3, 28, 28)
 CLASSES = 10
-METHODS = ("dataloader", "dgrun", "bare")
+METHODS = ("dataloader", "dgrun", "bare", "cli")
 WARMUP_STEPS = 20
 
 
@@ -167,12 +172,13 @@ def bench_dgrun(x, y, args, device) -> dict:
     hooks = NoHooks()
     # Warm-up on a small slice (fit evaluates the whole train split at its start and end).
     small = Split(xd[:WARMUP_STEPS * bs], yd[:WARMUP_STEPS * bs])
-    fit(model, small, test, opt, sched, loss_fn, eval_loss,
+    objective = lambda out, y, rows: loss_fn(out, y)  # noqa: E731 (ERM, as run.py builds it)
+    fit(model, small, test, opt, sched, objective, eval_loss,
         dgrun_plan(args.seed, bs, len(small), WARMUP_STEPS), State(), hooks)
     sync(device)
     plan = dgrun_plan(args.seed, bs, n, args.epochs * spe)
     start = time.perf_counter()
-    state = fit(model, train, test, opt, sched, loss_fn, eval_loss, plan, State(), hooks)
+    state = fit(model, train, test, opt, sched, objective, eval_loss, plan, State(), hooks)
     sync(device)
     wall = time.perf_counter() - start
     assert state.step == args.epochs * spe, (state.step, state.status, state.stop_reason)
@@ -202,6 +208,51 @@ def bench_bare(x, y, args, device) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     return {"train_s": seconds, "wall_s": seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The dgrun command
+
+def write_cifar10(root, n: int, seed: int) -> None:
+    """n training images in CIFAR-10's real pickle layout (5 data batches, a test batch)."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per = math.ceil(n / 5)
+    for i in range(5):
+        rows = min(per, n - i * per)
+        batch = {b"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, CLASSES, rows).tolist()}
+        with open(folder / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": rng.integers(0, 256, (1000, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, CLASSES, 1000).tolist()}, f)
+
+
+def bench_cli(args, device) -> dict:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_cifar10(tmp / "data", args.samples, args.seed)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dgrun.cli", "dataset=cifar10",
+                        f"dataset.root={tmp / 'data'}", "dataset.center_crop=28",
+                        "model=mlp1", f"trainer.max_epochs={args.epochs}",
+                        f"trainer.eval_every={args.epochs}", "trainer.stop_at_interpolation=false",
+                        f"trainer.batch_size={args.batch_size}", f"threads={args.threads}",
+                        f"device={device}", "quiet=true", "trainer.progress=none",
+                        f"hydra.run.dir={tmp / 'run'}"], check=True, capture_output=True)
+        wall = time.perf_counter() - start
+        summary = json.loads((tmp / "run" / "summary.json").read_text())
+    return {"train_s": summary["time_s"], "wall_s": wall, "status": summary["status"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +306,8 @@ def main(argv=None) -> int:
                      for w in args.workers]
         elif m == "dgrun":
             runs.append(("dgrun", lambda: bench_dgrun(x, y, args, device)))
+        elif m == "cli":
+            runs.append(("cli", lambda: bench_cli(args, device)))
         else:
             runs.append(("bare", lambda: bench_bare(x, y, args, device)))
 

@@ -96,17 +96,18 @@ class Normalize:
         self.how, self.mean, self.std = how, mean, std
 
     @classmethod
-    def fit(cls, how: str, x: torch.Tensor, chunk: int = 4096) -> "Normalize":
+    def fit(cls, how: str, x: torch.Tensor, chunk_elements: int = 2**22) -> "Normalize":
         if how != "standardize":
             return cls(how)
         # Statistics of the training split only (the test split must not leak into training),
-        # accumulated in float64 chunk by chunk: no float copy of the whole set at once.
+        # accumulated in float64 a few MB at a time: no float copy of the whole set at once.
         total = torch.zeros(x.shape[1], dtype=torch.float64)
         squares = torch.zeros(x.shape[1], dtype=torch.float64)
+        chunk = max(1, chunk_elements // max(1, x[0].numel()))
         for i in range(0, len(x), chunk):
-            part = to_unit(x[i:i + chunk]).double()
-            total += part.sum(dim=(0, 2, 3))
-            squares += part.pow(2).sum(dim=(0, 2, 3))
+            part = to_unit(x[i:i + chunk])
+            total += part.sum(dim=(0, 2, 3), dtype=torch.float64)
+            squares += part.square().sum(dim=(0, 2, 3), dtype=torch.float64)
         count = len(x) * x.shape[2] * x.shape[3]
         mean = total / count
         var = (squares - count * mean.pow(2)) / max(1, count - 1)
