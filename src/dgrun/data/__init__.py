@@ -12,3 +12,4 @@ __all__ = ["DATASETS", "Bundle", "Meta", "Split"]
 
 # Importing the modules registers their builders.
 from dgrun.data import embedded, vision  # noqa: E402,F401
+from dgrun.data import algorithmic  # noqa: E402,F401
