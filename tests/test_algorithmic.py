@@ -256,6 +256,9 @@ def test_transformer_shapes_and_causal_attention(n_layers):
     assert not torch.allclose(model(x), model(y))
     assert isinstance(model.token_embedding, torch.nn.Embedding)
     assert model.token_embedding.weight.shape == (98, 32)
+    # The last block runs its MLP on the last position only; the logits are those of the
+    # full computation.
+    assert torch.allclose(model(x), model._run(x, last_only=False)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("layernorm", [False, True])
