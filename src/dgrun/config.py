@@ -192,7 +192,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.unit": ("epoch", "step"),
     "trainer.eval_schedule": ("linear", "log"),
-    "trainer.loss": ("cross_entropy", "mse"),
+    "trainer.loss": ("cross_entropy", "mse", "hinge"),
     "trainer.snapshots": ("none", "log", "every"),
     "trainer.progress": ("auto", "rich", "plain", "none"),
     "trainer.precision": ("fp32", "bf16"),

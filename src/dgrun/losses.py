@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dgrun.errors import UserError
 from dgrun.registry import Registry
 
 LOSSES = Registry("loss")
@@ -42,3 +43,24 @@ def mse(*, label_smoothing: float = 0.0) -> tuple[LossFn, LossFn]:
         return (out - target).pow(2).sum()
 
     return loss, eval_loss
+
+
+@LOSSES.register("hinge")
+def hinge(*, label_smoothing: float = 0.0) -> tuple[LossFn, LossFn]:
+    """Multi-class hinge loss: the sum over wrong classes j of max(0, 1 - out[y] + out[j]).
+
+    With two classes it is exactly the binary hinge loss max(0, 1 - s (out[1] - out[0])),
+    s = +-1: Barak et al.'s loss for sparse parity. (torch's multi_margin_loss divides this sum
+    by the number of classes, which would halve the effective learning rate of a 2-class run.)
+    """
+    if label_smoothing:
+        raise UserError(f"trainer.label_smoothing={label_smoothing} has no meaning for the hinge "
+                        "loss", "set trainer.label_smoothing=0")
+
+    def train(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.multi_margin_loss(out, y, reduction=reduction) * out.shape[-1]
+
+    def eval_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.multi_margin_loss(out, y, reduction="sum") * out.shape[-1]
+
+    return train, eval_loss

@@ -12,4 +12,5 @@ __all__ = ["DATASETS", "Bundle", "Meta", "Split"]
 
 # Importing the modules registers their builders.
 from dgrun.data import embedded, vision  # noqa: E402,F401
+from dgrun.data import algorithmic  # noqa: E402,F401
 from dgrun.data import spurious_images, spurious_synthetic  # noqa: E402,F401

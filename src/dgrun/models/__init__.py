@@ -39,3 +39,4 @@ def count_params(model: nn.Module) -> int:
 # Importing the modules registers their builders.
 from dgrun.models import mlp  # noqa: E402,F401
 from dgrun.models import alexnet, inception, resnet, wrn  # noqa: E402,F401
+from dgrun.models import token_mlp, transformer  # noqa: E402,F401
