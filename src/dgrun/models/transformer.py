@@ -5,7 +5,9 @@ multi-head attention and a ReLU MLP, each added to the residual stream (pre-Laye
 `layernorm` is on) -> the last position's residual -> an unembedding to the classes.
 
 Presets: Nanda et al. 2023 (`transformer_nanda`: 1 layer, d_model 128, 4 heads, d_mlp 512, no
-LayerNorm) and Power et al. 2022 (`transformer_power`: 2 layers, width 128, 4 heads).
+LayerNorm) and Power et al. 2022 (`transformer_power`: 2 layers, width 128, 4 heads, d_mlp 512).
+openai/grok's own model differs in details kept uniform here: post-LayerNorm, sinusoidal
+positions, no biases, PyTorch's default initialization.
 
 Attention is computed explicitly (the sequences are a few tokens long), so the patterns the
 model uses are the ones `attention_maps` returns. Weights follow Nanda et al.'s initialization:
@@ -16,7 +18,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgrun.errors import UserError
