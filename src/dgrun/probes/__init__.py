@@ -29,3 +29,6 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Pr
         probe.name = name
         probes.append(probe)
     return probes
+
+# Probe modules register themselves on import.
+from dgrun.probes import dynamics, grokking, transitions  # noqa: E402,F401
