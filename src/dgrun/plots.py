@@ -1,6 +1,13 @@
-"""Per-run figures: loss and accuracy curves, train vs test, the interpolation point marked."""
+"""Per-run figures: loss and accuracy curves, train vs test, with labelled marks.
+
+Marks are (step, label) pairs drawn as vertical lines on every figure: the interpolation
+point, a probe's detected steps (memorization, generalization, transitions), the step where
+a run diverged. A diverged run's rows end in non-finite values; the curves show the finite
+part, and `divergence_step(rows)` gives the step to mark.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -9,19 +16,77 @@ import matplotlib
 matplotlib.use("Agg")  # runs on clusters and CI: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+Mark = tuple[int, str]
+# Marks take colours the curves (matplotlib's default cycle C0-C3) do not use, so a vertical
+# line is never mistaken for a curve; past eight marks the colours repeat with a new dash.
+MARK_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+                "#393b79")
+MARK_DASHES = ("--", "-.", ":")
 
-def _axis(ax, rows: list[dict], key: str, label: str, log_x: bool):
-    steps = [r["step"] for r in rows if r.get(key) is not None]
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if log_x:  # step 0 has no place on a log axis
-        pairs = [(s, v) for s, v in zip(steps, values) if s > 0]
-        steps, values = [p[0] for p in pairs], [p[1] for p in pairs]
-    ax.plot(steps, values, label=label)
+
+def _number(x) -> Optional[float]:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def series(rows: list[dict], key: str, log_x: bool = False) -> tuple[list[float], list[float]]:
+    """(steps, values) of one column: blanks and non-finite values are left out (a diverged
+    run plots its finite part), and so is step 0 on a log axis (it has no place there)."""
+    steps, values = [], []
+    for row in rows:
+        step, value = _number(row.get("step")), _number(row.get(key))
+        if step is None or value is None or (log_x and step <= 0):
+            continue
+        steps.append(step)
+        values.append(value)
+    return steps, values
+
+
+def divergence_step(rows: list[dict], keys: Sequence[str] = ("train_loss", "test_loss")
+                    ) -> Optional[int]:
+    """The first step whose row has a non-finite value in `keys` (None if the run never
+    diverged): the mark a diverged run's figures should carry."""
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if value is None:
+                continue
+            try:
+                finite = math.isfinite(float(value))
+            except (TypeError, ValueError):
+                continue
+            if not finite:
+                return int(float(row["step"]))
+    return None
+
+
+def looks_log_spaced(steps: Sequence[float]) -> bool:
+    """Whether evaluation steps grow geometrically (dgrun's log schedule) rather than by a
+    constant stride: the last gap is at least ten times the first."""
+    positive = sorted({s for s in steps if s > 0})
+    if len(positive) < 3:
+        return False
+    return positive[-1] - positive[-2] >= 10 * (positive[1] - positive[0])
+
+
+def draw_marks(ax, marks: Sequence[Mark], log_x: bool = False) -> None:
+    """Vertical labelled lines, one distinct colour each; the label goes to the legend."""
+    for k, (step, label) in enumerate(marks):
+        if step is None or (log_x and step <= 0):
+            continue
+        ax.axvline(step, color=MARK_COLOURS[k % len(MARK_COLOURS)],
+                   linestyle=MARK_DASHES[(k // len(MARK_COLOURS)) % len(MARK_DASHES)],
+                   linewidth=1.2, label=f"{label} (step {step:g})")
 
 
 def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[int] = None,
              log_x: bool = False, title: str = "",
-             marks: Sequence[tuple[int, str]] = ()) -> list[Path]:
+             marks: Optional[Sequence[Mark]] = None) -> list[Path]:
+    """plots/loss.png and plots/accuracy.png; `marks` are drawn on both (after the
+    interpolation step, which keeps its grey dashed line)."""
     if not rows:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -30,28 +95,33 @@ def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[in
               ("accuracy", [("train_acc", "train"), ("test_acc", "test"),
                             ("train_acc_clean", "train (clean rows)"),
                             ("train_acc_corrupted", "train (corrupted rows)")])]
-    for name, series in panels:
+    for name, columns in panels:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        for key, label in series:
-            if any(r.get(key) is not None for r in rows):
-                _axis(ax, rows, key, label, log_x)
+        plotted = False
+        for key, label in columns:
+            steps, values = series(rows, key, log_x)
+            if name == "loss":  # a log axis has no place for a loss of exactly 0
+                kept = [(s, v) for s, v in zip(steps, values) if v > 0]
+                steps, values = [s for s, _ in kept], [v for _, v in kept]
+            if steps:
+                ax.plot(steps, values, label=label)
+                plotted = True
         if interpolation_step is not None:
             ax.axvline(interpolation_step, color="grey", linestyle="--", linewidth=1,
                        label=f"interpolation (step {interpolation_step})")
-        for i, (step, label) in enumerate(marks):
-            ax.axvline(step, color=f"C{i + 4}", linestyle=":", linewidth=1.2,
-                       label=f"{label} (step {step})")
+        draw_marks(ax, marks or [], log_x)
         if log_x:
             ax.set_xscale("log")
-        if name == "loss":
+        if name == "loss" and plotted:
             ax.set_yscale("log")
-        else:
+        if name == "accuracy":
             ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path)

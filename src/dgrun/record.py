@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 from dgrun import checkpoint
 from dgrun.files import write_json
 from dgrun.metrics import MetricsFile, versions
-from dgrun.plots import plot_run
+from dgrun.plots import divergence_step, plot_run
 from dgrun.preemption import PreemptionGuard
 from dgrun.probes import Probe
 from dgrun.rundir import RunDir
@@ -129,7 +129,7 @@ class Recorder:
         summary = self.write_summary(state)
         marks = [m for p in self.probes for m in p.marks(summary)]
         if state.status == DIVERGED:
-            marks.append((state.step, "diverged"))
+            marks.append((divergence_step(state.rows) or state.step, "diverged"))
         plots = self.record.folder("plots")
         written = plot_run(state.rows, plots, interpolation_step=state.interpolation["step"],
                            log_x=log_x, title=title, marks=marks)
