@@ -106,7 +106,8 @@ def cartography(true_prob: Tensor, steps: Sequence[int], *, correct: Optional[Te
         "latest_learned": examples.sort_values("learned_step", ascending=False,
                                                na_position="first")["index"].head(20).tolist(),
     }
-    return Result({"examples": examples, "regions": regions}, summary)
+    return Result({"examples": examples, "regions": regions}, summary,
+                  {"steps": np.asarray(list(steps), dtype=float)})
 
 
 def plot_cartography(result: Result, out_dir) -> list:
@@ -124,9 +125,12 @@ def plot_cartography(result: Result, out_dir) -> list:
     ax.axvline(t["variability"], color="grey", linestyle=":", linewidth=1)
     ax.plot([0, t["variability"]], [t["confidence"]] * 2, color="grey", linestyle=":",
             linewidth=1)
-    ax.text(0.01, 0.97, "easy-to-learn", transform=ax.transAxes, va="top", fontsize=8)
-    ax.text(0.01, 0.03, "hard-to-learn", transform=ax.transAxes, fontsize=8)
-    ax.text(0.99, 0.5, "ambiguous", transform=ax.transAxes, ha="right", fontsize=8)
+    box = {"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1}
+    ax.text(0.01, 0.99, "easy-to-learn", transform=ax.transAxes, va="top", fontsize=8,
+            bbox=box)
+    ax.text(0.01, 0.01, "hard-to-learn", transform=ax.transAxes, fontsize=8, bbox=box)
+    ax.text(0.99, 0.99, "ambiguous", transform=ax.transAxes, ha="right", va="top",
+            fontsize=8, bbox=box)
     fig.colorbar(sc, ax=ax, label="correctness (fraction of evaluations right)")
     ax.set_xlabel("variability (std of p(true label))")
     ax.set_ylabel("confidence (mean p(true label))")
@@ -139,15 +143,21 @@ def plot_cartography(result: Result, out_dir) -> list:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     learned = ex.dropna(subset=["learned_step"])
-    if len(learned):
-        edges = np.histogram_bin_edges(learned["learned_step"],
-                                       bins=min(30, learned["learned_step"].nunique()))
-        for flag, name, color in ((False, "clean", "tab:blue"), (True, "corrupted", "tab:red")):
-            part = learned[learned["corrupted"] == flag]["learned_step"]
-            if len(part):
-                ax.hist(part, bins=edges, alpha=0.6, label=name, color=color)
+    steps = result.arrays["steps"]
+    # One bin per evaluation (edges halfway between them) while that stays readable.
+    edges = (np.concatenate([[steps[0] - 0.5 * (steps[1] - steps[0])],
+                             (steps[1:] + steps[:-1]) / 2,
+                             [steps[-1] + 0.5 * (steps[-1] - steps[-2])]])
+             if 1 < len(steps) <= 60 else np.linspace(steps[0], steps[-1] + 1, 41))
+    never = ex[ex["learned_step"].isna()]
+    for flag, name, color in ((False, "clean", "tab:blue"), (True, "corrupted", "tab:red")):
+        part = learned[learned["corrupted"] == flag]["learned_step"]
+        missing = int((never["corrupted"] == flag).sum())
+        if len(part) or missing:
+            ax.hist(part, bins=edges, alpha=0.6, color=color,
+                    label=f"{name} ({missing} never learned)")
     ax.axvline(s["late_step_threshold"], color="grey", linestyle="--",
-               label=f"late from step {s['late_step_threshold']:g}")
+               label=f"late: after step {s['late_step_threshold']:g}")
     ax.set_xlabel("step after which the example is always predicted right")
     ax.set_ylabel("training rows")
     ax.set_title(f"When examples are learned ({s['num_never_learned']} never learned)")
