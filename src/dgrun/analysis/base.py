@@ -100,8 +100,8 @@ def require_checkpoints(checkpoints: Sequence[Checkpoint], what: str, least: int
     if len(checkpoints) < least:
         raise UserError(f"{what} needs at least {least} saved checkpoint(s), the run has "
                         f"{len(checkpoints)}",
-                        "train with trainer.keep_checkpoints (or a checkpoint schedule) so the "
-                        "run keeps checkpoints along the way")
+                        "train with trainer.checkpoint_every=N so the run keeps checkpoints "
+                        "along the way")
 
 
 def spread(checkpoints: Sequence[Checkpoint], count: int, *,

@@ -49,7 +49,7 @@ def around(checkpoints: Sequence[Checkpoint], step: int,
     if not before or not after:
         have = [s for s, _ in checkpoints]
         raise UserError(f"no checkpoints on both sides of step {step} (the run kept {have})",
-                        "keep checkpoints along training (trainer.keep_checkpoints) or pick "
+                        "keep checkpoints along training (trainer.checkpoint_every=N) or pick "
                         "another step")
     return before, after
 
