@@ -178,6 +178,7 @@ SUBCOMMANDS: dict[str, str] = {  # name -> "module:function", dispatched before 
     "list": "dgrun.catalog:list_main",
     "inspect": "dgrun.catalog:inspect_main",
     "show": "dgrun.show:main",
+    "analyze": "dgrun.analysis.command:main",
 }
 
 

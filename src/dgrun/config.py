@@ -54,6 +54,7 @@ class TrainerConfig:
     min_lr: Optional[float] = None       # stop (stalled) once the lr has decayed below this
     checkpoint_every: int = 0            # 0: only at the threshold, on signals and at the end
     snapshots: str = "none"              # none | log | every: extra checkpoints kept for analysis
+    track_examples: bool = False         # per-example label probability at every evaluation
     precision: str = "fp32"              # fp32 | bf16 (autocast; on a GPU, about twice as fast)
     channels_last: bool = False          # NHWC image batches (faster convolutions on GPUs)
     compile: bool = False                # torch.compile the training step (a GPU, long runs)

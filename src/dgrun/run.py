@@ -110,7 +110,10 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
     objective = OBJECTIVES.build(
         cfg.objective.name, train=bundle.train, num_groups=len(meta.extra.get("groups", [0])),
         per_example_loss=lambda out, y: loss(out, y, reduction="none"), **cfg.objective.options)
-    probe_list = probes.build({p.name: p.options for p in cfg.probes}, meta=meta, seed=cfg.seed)
+    specs = {p.name: p.options for p in cfg.probes}
+    if cfg.trainer.track_examples:
+        specs.setdefault("examples", {})
+    probe_list = probes.build(specs, meta=meta, seed=cfg.seed)
     # Compiled for training steps only: the module itself keeps plain state_dict keys, and
     # evaluation (varying batch shapes) does not trigger recompiles.
     forward = torch.compile(model) if cfg.trainer.compile else model

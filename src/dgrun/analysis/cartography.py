@@ -1,7 +1,8 @@
 """Dataset cartography (Swayamdipta et al. 2020): where each training example sits in the
 (variability, confidence) plane built from its training dynamics.
 
-From the probability of the true label at each tracked evaluation, per example:
+From the probability of the label trained on (the "gold" label of the paper; the noisy one on a
+corrupted row) at each tracked evaluation, per example:
 confidence = its mean, variability = its standard deviation, correctness = the fraction of
 evaluations predicting it right. Regions, with the paper's reading: easy-to-learn (confident,
 stable), hard-to-learn (unconfident, stable: often mislabeled), ambiguous (variable).
@@ -132,8 +133,8 @@ def plot_cartography(result: Result, out_dir) -> list:
     ax.text(0.99, 0.99, "ambiguous", transform=ax.transAxes, ha="right", va="top",
             fontsize=8, bbox=box)
     fig.colorbar(sc, ax=ax, label="correctness (fraction of evaluations right)")
-    ax.set_xlabel("variability (std of p(true label))")
-    ax.set_ylabel("confidence (mean p(true label))")
+    ax.set_xlabel("variability (std of p(label trained on))")
+    ax.set_ylabel("confidence (mean p(label trained on))")
     ax.set_xlim(-0.01, max(0.5, float(ex["variability"].max()) + 0.02))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"Data map: {s['num_examples']} training rows, {s['num_evaluations']} "

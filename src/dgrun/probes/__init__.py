@@ -31,4 +31,5 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Pr
     return probes
 
 # Importing the modules registers their probes.
-from dgrun.probes import dfr, dynamics, groups, grokking, robustness, transitions  # noqa: E402,F401
+from dgrun.probes import (dfr, dynamics, examples, groups, grokking,  # noqa: E402,F401
+                          robustness, transitions)
