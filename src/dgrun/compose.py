@@ -79,10 +79,12 @@ def expand(overrides: list[str], *, multirun: bool = True,
         search_path.prepend("command-line", f"file://{os.path.abspath(config_dir_extra)}")
     hydra = Hydra.create_main_hydra2(task_name="dgrun", config_search_path=search_path)
     mode = RunMode.MULTIRUN if multirun else RunMode.RUN
-    try:
-        base = hydra.compose_config(config_name, [], run_mode=RunMode.RUN)
-    except Exception:
-        base = None  # only used for "did you mean" hints
+    def base():  # the default config, composed only to suggest a key after a typo
+        try:
+            return hydra.compose_config(config_name, [], run_mode=RunMode.RUN)
+        except Exception:
+            return None
+
     try:
         master = hydra.compose_config(config_name, overrides, run_mode=mode)
         if not multirun:
@@ -98,6 +100,6 @@ def expand(overrides: list[str], *, multirun: bool = True,
     except UserError:
         raise
     except Exception as e:  # Hydra's and OmegaConf's composition errors
-        raise UserError(*explain(e, base)) from e
+        raise UserError(*explain(e, base())) from e
     finally:
         GlobalHydra.instance().clear()

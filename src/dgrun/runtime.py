@@ -83,7 +83,9 @@ def configure(*, threads: Optional[int], deterministic: bool, device: str,
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it reads this when first used.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        # Only when it changes: the call imports torch's compiler stack (~2 s of start-up).
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = False
     resolved = resolve_device(device, job_num)

@@ -44,7 +44,12 @@ def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> l
     from dgrun.reopen import reopen
     from dgrun.report import find_run_dirs
 
-    ANALYSES.get(what)  # an unknown WHAT fails before any run is loaded
+    # An unknown WHAT or option fails before any run is loaded (checkpoints take a while).
+    allowed = ANALYSES.options(what)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UserError(f"analysis '{what}' has no option '{unknown[0]}'",
+                        f"its options are: {', '.join(allowed) or 'none'}")
     written = []
     for run_dir in find_run_dirs(paths):
         run = reopen(run_dir, device)

@@ -23,11 +23,11 @@ from dgrun.errors import UserError
 
 def _sklearn_digits() -> tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 8x8 digits as (N, 1, 8, 8) floats in [0, 1] and their digits."""
-    from sklearn.datasets import load_digits
+    from dgrun.data.embedded import load_digits_arrays
 
-    d = load_digits()
-    return (torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1),
-            torch.from_numpy(d.target.astype(np.int64)))
+    images, target = load_digits_arrays()
+    return (torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1),
+            torch.from_numpy(target.astype(np.int64)))
 
 
 def _positive_int(value: int, option: str) -> int:
