@@ -119,7 +119,8 @@ def test_table_has_every_run_with_typed_swept_values(sweep):
                    "dataset", "corruption", "prob", "status", "stop_reason", "steps", "epochs",
                    "time_s", "params", "final_train_acc", "final_test_acc", "final_train_loss",
                    "interpolation_reached", "interpolation_step", "interpolation_epoch",
-                   "interpolation_time_s", "memorization_step", "delay_ratio", "error"):
+                   "interpolation_time_s", "transitions_memorization_step",
+                   "transitions_delay_ratio", "error"):
         assert column in table, column
     assert "versions" not in table and "final" not in table
     assert pd.api.types.is_float_dtype(table["prob"])
@@ -129,7 +130,8 @@ def test_table_has_every_run_with_typed_swept_values(sweep):
     assert set(table["dataset"]) == {"digits"} and set(table["model"]) == {"mlp1"}
     by_run = table.set_index("run")
     assert by_run.loc["3", "final_test_acc"] == pytest.approx(0.9 - 0.2 + 0.02)
-    assert by_run.loc["0", "memorization_step"] == 20 and by_run.loc["0", "delay_ratio"] == 2.5
+    assert by_run.loc["0", "transitions_memorization_step"] == 20
+    assert by_run.loc["0", "transitions_delay_ratio"] == 2.5
     assert by_run.loc["0", "interpolation_step"] == 50
     assert bool(by_run.loc["0", "interpolation_reached"])
     assert not by_run.loc["4", "interpolation_reached"]

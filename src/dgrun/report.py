@@ -35,7 +35,7 @@ ALIASES = {"corruption.prob": "prob", "corruption.name": "corruption", "model.na
            "dataset.name": "dataset", "corruption.seed": "corruption_seed"}
 RUN_FIELDS = ("status", "stop_reason", "steps", "epochs", "time_s", "params")
 INTERPOLATION = ("reached", "step", "epoch", "time_s")
-HANDLED = {*RUN_FIELDS, "final", "interpolation", "transitions", "error", "seed", "dataset",
+HANDLED = {*RUN_FIELDS, "final", "interpolation", "error", "seed", "dataset",
            "model", "corruption", "versions", "resumed_at_steps", "config", "overrides"}
 
 
@@ -173,9 +173,6 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame], dict]:
     row.update({f"interpolation_{k}": _number(v) for k, v in interpolation.items()
                 if k not in INTERPOLATION and k != "lr" and _is_scalar(v)})
     row["interpolation_reached"] = bool(interpolation.get("reached"))
-    for key, value in (summary.get("transitions") or {}).items():
-        if _is_scalar(value):
-            row[key if key not in row and key not in swept else f"transitions_{key}"] = value
     for key, value in summary.items():  # whatever else a newer dgrun writes
         if key in HANDLED:
             continue

@@ -217,7 +217,11 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
     keys = [k for k in line_keys(swept, axis, hue) if k != axis]
     excluded = len(table) - len(finished)
     left_out = f"{excluded} unfinished or failed run(s) left out" if excluded else ""
-    if axis not in table or finished[axis].astype(str).nunique() < 2:
+    corrupted = "corruption" in table and (table["corruption"].astype(str) != "none").any()
+    if axis != "prob" and not corrupted:
+        skipped.append("threshold_vs_corruption.png, test_error_vs_corruption.png skipped: "
+                       "no run is corrupted (Zhang et al.'s figures; --y draws any column)")
+    elif axis not in table or finished[axis].astype(str).nunique() < 2:
         what = "the corruption probability" if axis == "prob" else axis
         skipped.append(f"threshold_vs_corruption.png, test_error_vs_corruption.png skipped: "
                        f"{what} does not vary across finished runs (pick an axis with --x KEY)")
@@ -264,8 +268,9 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
     if span is not None and pd.api.types.is_numeric_dtype(span) and span.notna().any():
         pad = 0.05 * ((span.max() - span.min()) or 1)
         for fig in figures:
-            for panel in fig.panels if fig.name != "learning_curves" else []:
-                panel.xlim = (span.min() - pad, span.max() + pad)
+            for panel in fig.panels:
+                if panel.xlabel != "step":  # curves over training keep their own range
+                    panel.xlim = (span.min() - pad, span.max() + pad)
     return figures, skipped
 
 
