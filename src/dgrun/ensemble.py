@@ -43,7 +43,7 @@ from dgrun.config import RunConfig
 from dgrun.data import augment as augmentation
 from dgrun.data import pipeline
 from dgrun.data.bundle import Bundle
-from dgrun.ensemble_fit import fit
+from dgrun.ensemble_fit import Parts, fit
 from dgrun.errors import UserError
 from dgrun.files import write_json
 from dgrun.losses import LOSSES
@@ -55,7 +55,7 @@ from dgrun.run import _claim_tracker_files, describe, make_plan
 from dgrun.rundir import RunDir
 from dgrun.seeding import seed_everything, set_rng_state
 from dgrun.stacked import Stack, member_optimizer_state, stacked_optimizer_state
-from dgrun.status import FAILED, PREEMPTED
+from dgrun.status import DIVERGED, FAILED, PREEMPTED
 from dgrun.train import State
 
 log = logging.getLogger("dgrun")
@@ -173,7 +173,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
                                device=cfg.device, job_num=job_num)
     stack, parts = build(cfg, members, device)
     restore(stack, parts, members)
-    meta, plan = members[0].bundle.meta, parts["plan"]
+    meta, plan = members[0].bundle.meta, parts.plan
     log.info("%s | %s (%d params) x %d: seeds %d..%d | %s p=%s | %d train / %d test | %s | "
              "%d steps/epoch | %s", meta.name, cfg.model.name,
              models.count_params(stack.views[0]), len(members), cfg.seed,
@@ -190,7 +190,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         if m.trains:
             m.recorder = _recorder(m, m_sinks, stack, parts, guard, overrides, device, start)
     try:
-        with guard, parts["bar"]:
+        with guard, parts.bar:
             fit(stack, parts, members, guard, start)
     except BaseException as e:
         for m in members:
@@ -206,7 +206,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     return summary
 
 
-def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, dict]:
+def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, Parts]:
     """Each member's data, model, objective and probes as its own run builds them, then the
     stack, one optimizer and schedule over it, and the plan."""
     # One copy of the data unless the corruption is drawn from each member's seed.
@@ -242,9 +242,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
                                        steps_per_epoch=plan.steps_per_epoch,
                                        total_steps=plan.max_steps)
     bar = progress.make(cfg.trainer.progress, plan.max_steps, cfg.trainer.log_every_s)
-    return stack, dict(plan=plan, snapshot_points=snapshot_points, optimizer=optimizer,
-                       scheduler=scheduler, eval_loss=eval_loss, loss=loss, bar=bar,
-                       per_member_data=per_member, device=device, cfg=cfg)
+    return stack, Parts(cfg, plan, snapshot_points, optimizer, scheduler, eval_loss, bar, device)
 
 
 def _load(cfg: RunConfig, device: torch.device) -> Bundle:
@@ -253,7 +251,7 @@ def _load(cfg: RunConfig, device: torch.device) -> Bundle:
                          apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
 
 
-def restore(stack: Stack, parts: dict, members: list[Member]) -> None:
+def restore(stack: Stack, parts: Parts, members: list[Member]) -> None:
     """Put each member's checkpoint into its slices; the optimizer and schedule state (shared
     counters) from the first member that trains."""
     for m in members:
@@ -268,13 +266,13 @@ def restore(stack: Stack, parts: dict, members: list[Member]) -> None:
             m.state = State(**m.payload["state"])
             m.state.status, m.state.stop_reason = "running", None
         elif not m.trains:  # ended: frozen at its final checkpoint, never recorded again
-            m.state = State(**m.payload["state"]) if m.payload else State(status="ended")
+            m.state = State(**m.payload["state"]) if m.payload else State(status=DIVERGED)
     lead = next(m for m in members if m.trains)
     if lead.payload is not None:
         states = [m.payload["optimizer"] if m.payload else None for m in members]
-        parts["optimizer"].load_state_dict(
+        parts.optimizer.load_state_dict(
             stacked_optimizer_state(states, stack.parameters(), lead.k))
-        parts["scheduler"].load_state_dict(lead.payload["scheduler"])
+        parts.scheduler.load_state_dict(lead.payload["scheduler"])
         set_rng_state(lead.payload["rng"])
     stack.freeze([m.k for m in members if not m.trains])
 
@@ -300,7 +298,7 @@ class _OptimizerSlice:
                                       self.k)
 
 
-def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: dict,
+def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
               guard: PreemptionGuard, overrides: Optional[list[str]], device: torch.device,
               start: int) -> Recorder:
     m.record.path.mkdir(parents=True, exist_ok=True)
@@ -317,14 +315,14 @@ def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: dict,
         facts.resumed_at_steps.append(start)
     _claim_tracker_files(m.record, m.cfg.logger)
     sinks.start(m.record.path, m.config, resume=m.payload is not None)
-    cfg = parts["cfg"]
     recorder = Recorder(m.record, facts, model=_ModelSlice(stack, m.k),
-                        optimizer=_OptimizerSlice(parts["optimizer"], stack, m.k),
-                        scheduler=parts["scheduler"], probes=m.probes,
-                        snapshots=cfg.trainer.snapshots, snapshot_points=parts["snapshot_points"],
+                        optimizer=_OptimizerSlice(parts.optimizer, stack, m.k),
+                        scheduler=parts.scheduler, probes=m.probes,
+                        snapshots=parts.cfg.trainer.snapshots,
+                        snapshot_points=parts.snapshot_points,
                         bar=progress.NoProgress(None, math.inf), guard=guard,
                         objective=m.objective, sinks=sinks)
-    m.state.steps_per_epoch = parts["plan"].steps_per_epoch
+    m.state.steps_per_epoch = parts.plan.steps_per_epoch
     recorder.start(m.state)
     return recorder
 

@@ -10,17 +10,32 @@ loop ends when every member has. The rules are those of dgrun.train.fit, in the 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
+from dgrun.config import RunConfig
 from dgrun.objectives import ERM
 from dgrun.probes.base import Evaluation
 from dgrun.seeding import derive_seed
 from dgrun.stacked import Stack, draw_masks
 from dgrun.status import COMPLETED, DIVERGED, PREEMPTED, STOPPED
 from dgrun.stopping import interpolates, stalled
-from dgrun.train import State, _Clock, epoch_order, measure
+from dgrun.train import Plan, State, _Clock, epoch_order, measure
+
+
+@dataclass
+class Parts:
+    """What the members share, built by dgrun.ensemble.build."""
+    cfg: RunConfig
+    plan: Plan
+    snapshot_points: set[int]
+    optimizer: torch.optim.Optimizer     # over the stacked parameters
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    eval_loss: Callable
+    bar: Any                             # dgrun.progress: one bar for the ensemble
+    device: torch.device
 
 
 class MemberEvaluation(Evaluation):
@@ -112,10 +127,10 @@ class Batches:
                             for k, o in enumerate(objectives)])
 
 
-def fit(stack: Stack, parts: dict, members: list, guard, start: int) -> None:
+def fit(stack: Stack, parts: Parts, members: list, guard, start: int) -> None:
     """Train every member that has a Recorder from step `start` until each has ended."""
-    plan, optimizer, scheduler = parts["plan"], parts["optimizer"], parts["scheduler"]
-    device, cfg, bar = parts["device"], parts["cfg"], parts["bar"]
+    plan, optimizer, scheduler = parts.plan, parts.optimizer, parts.scheduler
+    device, cfg, bar = parts.device, parts.cfg, parts.bar
     spe, n_members = plan.steps_per_epoch, stack.size
     data = Batches(members, plan.batch_size, spe, device)
     training = [m for m in members if m.recorder is not None]
@@ -143,7 +158,7 @@ def fit(stack: Stack, parts: dict, members: list, guard, start: int) -> None:
                                   step=step, lr=lr, val=m.bundle.val,
                                   given={name: out[k] for name, out in logits.items()})
             row = {"step": step, "epoch": step / spe, "time_s": state.train_time_s, "lr": lr}
-            row.update(measure(ev, parts["eval_loss"], m.probes))
+            row.update(measure(ev, parts.eval_loss, m.probes))
             state.rows.append(row)
             m.recorder.on_eval(state, row)
             rows[k] = row
