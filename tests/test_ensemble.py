@@ -24,6 +24,8 @@ from dgrun.config import Component, config_dir, from_hydra, plain, register_sche
 from dgrun.data import DATASETS
 from dgrun.data.bundle import Bundle, Meta, Split
 from dgrun.errors import UserError
+from dgrun.probes import PROBES, Probe
+from dgrun.report import find_run_dirs
 from dgrun.run import build, restore, run
 from dgrun.seeding import derive_seed, seed_everything
 from dgrun.stacked import (Stack, draw_masks, member_optimizer_state,
@@ -81,6 +83,11 @@ def compare(job, ens: Path, tmp_path: Path, knobs) -> set[int]:
         assert got["interpolation"]["step"] == single["interpolation"]["step"]
         assert got["config"] == read_summary(tmp_path / f"seed{k}")["config"]  # seed k, N=1
         assert got["seed"] == k and got["ensemble"] == {"size": 2, "member": k}
+        if "+probes.ensemble_test_probe={}" in knobs:
+            assert got["model_probe"]["last_first_mean"] == \
+                pytest.approx(single["model_probe"]["last_first_mean"], abs=1e-6)
+            assert checkpoint.load_latest(member / "checkpoints")["probes"] == \
+                {"ensemble_test_probe": {"seen": len(rows(member))}}
         assert (member / "plots" / "accuracy.png").is_file()
         steps.add(got["steps"])
     return steps
@@ -106,10 +113,38 @@ def test_members_stop_on_their_own_as_separate_runs_do(job, fitted, tmp_path):
                for k in range(2))
 
 
+class ModelProbe(Probe):
+    """Measures through ev.model, ev.predict and ev.logits; keeps a count in its state."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def measure(self, ev):
+        self.seen += 1
+        first = next(ev.model.parameters())
+        return {"probe_first_mean": first.mean(), "probe_seen": self.seen,
+                "probe_test_max": ev.logits("test").max(dim=1).values.mean(),
+                "probe_predict": ev.predict(ev.test.x[:50]).mean()}
+
+    def summarize(self, rows):
+        return {"model_probe": {"last_first_mean": rows[-1]["probe_first_mean"]}} if rows else {}
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+PROBES.register("ensemble_test_probe")(lambda *, meta, seed: ModelProbe())
+
+
 @pytest.mark.parametrize("knobs", [
-    # dropout masks, per-member gradient clipping, Adam's state, label noise drawn per member
+    # dropout masks, per-member gradient clipping, Adam's state, label noise drawn per member,
+    # a probe that measures through the member's module
     ("model.dropout=0.3", "trainer.grad_clip=0.5", "optimizer=adam", "trainer.max_epochs=3",
-     "corruption=partial_labels", "corruption.prob=0.3", "dataset.augment={crop:1,flip:true}"),
+     "corruption=partial_labels", "corruption.prob=0.3", "dataset.augment={crop:1,flip:true}",
+     "+probes.ensemble_test_probe={}"),
     # pixels drawn per member: each holds its own noise images (full batch: no batch order)
     ("corruption=gaussian_pixels", "trainer.batch_size=null", "trainer.max_epochs=4"),
 ])
@@ -205,6 +240,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_ensemble(job, tmp_path):
     assert ended["stop_reason"] == "interpolation" and ended["steps"] < 275
     train(job, killed, *RESUMABLE)
     assert_same_ensemble(killed, reference)
+    # The command's .hydra/ went to .ensemble/, so a report sees the members as its runs.
+    assert (killed / ".ensemble" / ".hydra" / "config.yaml").is_file()
+    assert find_run_dirs([killed]) == [(killed / f"member_{k}").resolve() for k in range(2)]
     assert all(read_summary(killed / f"member_{k}")["resumed_at_steps"] == [behind]
                for k in range(2))
 
@@ -269,7 +307,7 @@ def test_members_at_different_steps_are_refused(job, fitted):
         train(job, fitted, "trainer.ensemble=2", *FIT, "trainer.stop_at_interpolation=false")
     assert read_metrics(fitted / "member_0") == before  # nothing touched
     again = train(job, fitted, "trainer.ensemble=2", *FIT)  # both finished: nothing to do
-    assert again["status"] == "completed" and again["stop_reason"] == "2 interpolation"
+    assert again["status"] == "completed" and again["stop_reason"] == "interpolation"
 
 
 # ------------------------------------------------------------------ the stack's mechanics

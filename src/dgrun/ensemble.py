@@ -329,7 +329,8 @@ def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
 
 def aggregate(summaries: list[dict], run_dir: Path) -> dict:
     """The ensemble at a glance (ensemble.json; what the command prints and returns): the
-    worst member status, the stop reasons counted, members' mean final numbers."""
+    worst member status, the members' stop reason (counted when they differ), their mean
+    final numbers."""
     order = (FAILED, PREEMPTED, "running", "diverged", "stopped", "completed")
     statuses = [s.get("status") or "running" for s in summaries]
     reasons: dict[str, int] = {}
@@ -345,7 +346,8 @@ def aggregate(summaries: list[dict], run_dir: Path) -> dict:
                              test_acc=sum(r["test_acc"] for r in reached) / len(reached))
     return {
         "status": min(statuses, key=lambda s: order.index(s) if s in order else 0),
-        "stop_reason": ", ".join(f"{n} {r}" for r, n in reasons.items()),
+        "stop_reason": next(iter(reasons)) if len(reasons) == 1 else
+                       ", ".join(f"{n} {r}" for r, n in reasons.items()),
         "steps": max(s.get("steps") or 0 for s in summaries),
         "time_s": max(s.get("time_s") or 0.0 for s in summaries),
         "final": {k: sum(f[k] for f in finals) / len(finals) for k in keys},
