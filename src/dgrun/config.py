@@ -61,6 +61,8 @@ class TrainerConfig:
     resume: bool = True
     progress: str = "auto"               # auto | rich | plain | none
     log_every_s: float = 10.0            # cadence of plain log lines (non-TTY)
+    ensemble: int = 1                    # N > 1: seeds seed..seed+N-1 trained in one process,
+                                         # into <run dir>/member_<k>/ (dgrun.ensemble)
 
 
 @dataclass
@@ -187,6 +189,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "trainer.stall_min_delta": (0.0, 1.0, True, False),
     "trainer.min_lr": (0.0, math.inf, True, False),
     "trainer.log_every_s": (0.0, math.inf, False, False),
+    "trainer.ensemble": (1, math.inf, True, False),
     "threads": (1, math.inf, True, False),
 }
 

@@ -33,6 +33,9 @@ RESUMABLE_KEYS = {
     "trainer.stop_at_interpolation", "trainer.eval_batch_size", "trainer.stall_patience",
     "trainer.stall_min_delta", "trainer.min_lr", "device", "threads", "quiet",
     "logger",  # the trackers a run reports to (the whole subtree)
+    # Always 1 in a run's own config (an ensemble member's included); listed so checkpoints
+    # written before the key existed still resume.
+    "trainer.ensemble",
 }
 
 

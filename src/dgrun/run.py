@@ -164,6 +164,10 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     on_start: called once the run will train, before anything is written (the CLI writes
     `.hydra/` there, so a refused or finished run's directory stays exactly as it was).
     """
+    if cfg.trainer.ensemble > 1:  # N seeds in this process, one run directory each
+        from dgrun import ensemble
+        return ensemble.run(cfg, run_dir, config, job_num=job_num, overrides=overrides,
+                            on_start=on_start)
     record = RunDir(run_dir)
     decision = decide(record, config, cfg.trainer)
     if decision.finished:
