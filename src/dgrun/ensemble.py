@@ -51,7 +51,7 @@ from dgrun.objectives import OBJECTIVES
 from dgrun.preemption import PreemptionGuard
 from dgrun.record import Facts, Recorder
 from dgrun.resume import Decision, decide
-from dgrun.run import _claim_tracker_files, describe, make_plan
+from dgrun.run import claim_tracker_files, describe, make_plan
 from dgrun.rundir import RunDir
 from dgrun.seeding import seed_everything, set_rng_state
 from dgrun.stacked import Stack, member_optimizer_state, stacked_optimizer_state
@@ -313,7 +313,7 @@ def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
     if m.payload is not None:
         facts.resumed_at_steps = list((m.decision.summary or {}).get("resumed_at_steps", []))
         facts.resumed_at_steps.append(start)
-    _claim_tracker_files(m.record, m.cfg.logger)
+    claim_tracker_files(m.record, m.cfg.logger)
     sinks.start(m.record.path, m.config, resume=m.payload is not None)
     recorder = Recorder(m.record, facts, model=_ModelSlice(stack, m.k),
                         optimizer=_OptimizerSlice(parts.optimizer, stack, m.k),

@@ -22,7 +22,7 @@ from dgrun.seeding import derive_seed
 from dgrun.stacked import Stack, draw_masks
 from dgrun.status import COMPLETED, DIVERGED, PREEMPTED, STOPPED
 from dgrun.stopping import interpolates, stalled
-from dgrun.train import Plan, State, _Clock, epoch_order, measure
+from dgrun.train import Plan, State, Clock, epoch_order, measure
 
 
 @dataclass
@@ -135,7 +135,7 @@ def fit(stack: Stack, parts: Parts, members: list, guard, start: int) -> None:
     data = Batches(members, plan.batch_size, spe, device)
     training = [m for m in members if m.recorder is not None]
     active = {m.k for m in training}
-    clock = _Clock(State(train_time_s=max(m.state.train_time_s for m in training)), device)
+    clock = Clock(State(train_time_s=max(m.state.train_time_s for m in training)), device)
     nonfinite = torch.zeros(n_members, dtype=torch.bool, device=device)
     step = start
     title = f"{cfg.model.name} on {members[0].bundle.meta.name}, corruption: {cfg.corruption.name}"

@@ -204,7 +204,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         log.info("%s: %s from step %d (%s)", run_dir,
                  "resuming" if decision.action == "resume" else "continuing", state.step,
                  decision.why)
-    _claim_tracker_files(record, cfg.logger)
+    claim_tracker_files(record, cfg.logger)
     sinks.start(record.path, config, resume=decision.payload is not None)
     return train(cfg, parts, state, record, facts, sinks)
 
@@ -214,7 +214,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
 TRACKER_FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
 
 
-def _claim_tracker_files(record: RunDir, logger: dict[str, dict]) -> None:
+def claim_tracker_files(record: RunDir, logger: dict[str, dict]) -> None:
     if not logger:
         return
     record.claim(record.path / trackers.STATE_FILE)

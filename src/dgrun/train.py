@@ -127,7 +127,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     n, bs, spe = len(train), plan.batch_size, plan.steps_per_epoch
     state.steps_per_epoch = spe
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    clock = _Clock(state, device)
+    clock = Clock(state, device)
     # Only the generator the model draws from: torch.manual_seed would also seed every other
     # backend, at a cost of ~0.3 ms a step (it records a stack trace per lazy backend).
     step_generator = torch.default_generator
@@ -227,7 +227,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     return finish(COMPLETED, plan.max_steps_reason)
 
 
-class _Clock:
+class Clock:
     """Training time only: paused (after a device sync) around evaluation and checkpoints."""
 
     def __init__(self, state: State, device: torch.device):
