@@ -28,6 +28,7 @@ from dgrun.status import HAS_FINAL_NUMBERS as FINISHED  # noqa: E402
 DASHES = ("solid", "dash", "dot", "dashdot")
 MPL_DASHES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-."}
 STANDARD = ("learning_curves", "threshold_vs_corruption", "test_error_vs_corruption")
+# (and grokking_vs_<axis>, drawn when the runs carry the grokking probe's numbers)
 LABELS = {"prob": "corruption probability", "time_s": "seconds", "step": "step",
           "interpolation_time_s": "seconds to the threshold",
           "interpolation_step": "steps to the threshold", "test_error": "test error"}
@@ -163,6 +164,33 @@ def metric_curves(table: pd.DataFrame, curves: dict, keys: list[str], metrics: l
     return Figure(name, title, panels, note=_spread_note(runs, keys))
 
 
+def grokking_figure(finished: pd.DataFrame, swept: list[str], x: Optional[str],
+                    hue: Optional[str]) -> Optional[Figure]:
+    """Memorization and generalization steps, and their ratio, against the swept parameter
+    (train fraction, weight decay, operation...): mean and min-max over seeds. Runs that
+    never generalized are counted in the note, not plotted."""
+    if "grokking_generalization_step" not in finished or finished.empty:
+        return None
+    axis = x or next((k for k in swept if k in finished), None)
+    if axis is None:
+        return None
+    keys = [k for k in line_keys(swept, axis, hue) if k != axis]
+    grokked = finished.dropna(subset=["grokking_generalization_step"])
+    never = len(finished) - len(grokked)
+    panels = [versus(finished.dropna(subset=["grokking_memorization_step"]), axis,
+                     "grokking_memorization_step", keys, "memorization (train acc)", "step"),
+              versus(grokked, axis, "grokking_generalization_step", keys,
+                     "generalization (test acc)", "step"),
+              versus(grokked, axis, "grokking_delay_ratio", keys, "delay",
+                     "generalization / memorization step")]
+    for panel in panels[:2]:
+        panel.log_y = True
+    return Figure(f"grokking_vs_{axis}".replace("/", "_"), "Grokking: when the training set is "
+                  "fit, and when the test set", [p for p in panels if p.lines],
+                  note=_join(_spread_note(finished, [axis, *keys]),
+                             f"{never} run(s) that never generalized left out" if never else ""))
+
+
 def _log_spaced(step_columns) -> bool:
     """Evaluations at roughly constant ratios (dgrun's log schedule) rather than intervals."""
     for steps in step_columns:
@@ -259,6 +287,9 @@ def build(table: pd.DataFrame, curves: dict, swept: list[str], x: Optional[str] 
                 note=_join(_spread_note(errors, [axis, *keys]),
                            f"{missed} run(s) that never reached it left out" if missed else "",
                            left_out)))
+    fig = grokking_figure(finished, swept, x, hue)
+    if fig is not None:
+        figures.append(fig)
     if y:
         rows = finished[[y, x, *keys]].dropna(subset=[y])
         figures.append(Figure(f"{y}_vs_{x}".replace("/", "_"), f"{y} vs {x}",
@@ -294,7 +325,9 @@ def save_png(fig: Figure, out: Path) -> Path:
                 if np.any(hi > lo):
                     ax.fill_between(xs, lo, hi, color=line.color, alpha=0.2, linewidth=0)
             else:
-                ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], color=line.color,
+                # Clipped: a mean can land a rounding error outside its own min and max.
+                ax.errorbar(xs, mean, yerr=[np.maximum(mean - lo, 0), np.maximum(hi - mean, 0)],
+                            color=line.color,
                             label=line.label, marker="o", capsize=3, linewidth=1.5,
                             linestyle=MPL_DASHES[line.dash])
         if panel.xlim:

@@ -39,7 +39,7 @@ class EmbeddingMLP(nn.Module):
     -> Linear to the classes. `token_embedding` is shared by the positions."""
 
     def __init__(self, vocab_size: int, positions: int, num_classes: int, d_embed: int = 128,
-                 width: int = 512, depth: int = 1):
+                 width: int = 512, depth: int = 1, init_scale: float = 1.0):
         super().__init__()
         self.positions = positions
         self.token_embedding = nn.Embedding(vocab_size, d_embed)
@@ -50,6 +50,12 @@ class EmbeddingMLP(nn.Module):
             d = width
         layers.append(nn.Linear(d, num_classes))
         self.mlp = nn.Sequential(*layers)
+        if init_scale != 1.0:
+            # Omnigrok (Liu et al. 2023): a larger initial weight norm delays generalization
+            # until weight decay has brought the norm down.
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.mul_(init_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.token_embedding(x[:, :self.positions]).flatten(1))
@@ -84,13 +90,16 @@ class QuadraticMLP(nn.Module):
 
 @MODELS.register("mlp_embed", modalities=("tokens",))
 def mlp_embed(input_shape, num_classes, *, vocab_size=None, d_embed: int = 128,
-              width: int = 512, depth: int = 1, operands: Optional[int] = 2):
+              width: int = 512, depth: int = 1, operands: Optional[int] = 2,
+              init_scale: float = 1.0):
     positions = _positions("mlp_embed", input_shape, vocab_size, operands)
     if d_embed < 1 or depth < 0:
         raise UserError("model.d_embed must be positive and model.depth non-negative",
                         "e.g. model.d_embed=128 model.depth=1")
+    if not init_scale > 0:
+        raise UserError(f"model.init_scale={init_scale} must be positive", "e.g. 1.0 or 3.0")
     return EmbeddingMLP(vocab_size, positions, num_classes, d_embed=d_embed, width=width,
-                        depth=depth)
+                        depth=depth, init_scale=float(init_scale))
 
 
 @MODELS.register("quadratic_mlp", modalities=("tokens",))
