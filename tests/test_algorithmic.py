@@ -165,9 +165,8 @@ def test_label_noise_changes_only_labels_of_token_data():
     assert noisy.train.y.max().item() < 97
 
 
-@pytest.mark.parametrize("train_size", [2000, None])
-def test_random_labels_on_sparse_parity(train_size):
-    options = {"n": 20, "k": 3, "train_size": train_size, "test_size": 2000}
+def test_random_labels_on_sparse_parity():
+    options = {"n": 20, "k": 3, "train_size": 2000, "test_size": 2000}
     clean = pipeline.load("sparse_parity", options, seed=0)
     noisy = pipeline.load("sparse_parity", options, seed=0, corruption_name="random_labels")
     assert torch.equal(noisy.train.x, clean.train.x)
@@ -394,3 +393,15 @@ def test_mlp_learns_sparse_parity_after_a_plateau():
     assert max(plateau) < 0.6
     assert accuracy(model, bundle.test) >= 0.95 and accuracy(model, bundle.train) >= 0.95
     assert math.isfinite(loss.item())
+
+
+def test_label_noise_on_streamed_parity_is_refused_in_one_line():
+    from dgrun.data import pipeline
+    from dgrun.errors import UserError
+
+    with pytest.raises(UserError, match="needs a fixed training set.*dataset.train_size=N"):
+        pipeline.load("sparse_parity", {"train_size": None}, seed=0,
+                      corruption_name="partial_labels", prob=0.2)
+    fixed = pipeline.load("sparse_parity", {"train_size": 500}, seed=0,
+                          corruption_name="partial_labels", prob=0.5)
+    assert 0.15 < fixed.train.corrupted.float().mean() < 0.35  # p (1 - 1/K) with K = 2

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import FAST, dgrun, read_metrics, read_summary
+from conftest import FAST, dgrun, read_metrics, read_summary, train_here
 
 
 def test_default_job_reaches_interpolation_and_writes_a_complete_run_dir(run_dir):
@@ -31,8 +31,8 @@ def test_default_job_reaches_interpolation_and_writes_a_complete_run_dir(run_dir
 
 def test_random_labels_are_memorized_but_test_accuracy_stays_at_chance(run_dir):
     # Adam fits random digits labels in seconds; SGD's default takes minutes on 2 cores.
-    dgrun("model=mlp3", "corruption=random_labels", "optimizer=adam", "trainer.max_epochs=300",
-          f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, "model=mlp3", "corruption=random_labels", "optimizer=adam",
+               "trainer.max_epochs=300", *FAST)
     summary = read_summary(run_dir)
     assert summary["final"]["train_acc"] == 1.0
     assert summary["final"]["test_acc"] < 0.2  # chance is 0.1

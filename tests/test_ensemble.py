@@ -136,7 +136,15 @@ class ModelProbe(Probe):
         self.seen = state["seen"]
 
 
-PROBES.register("ensemble_test_probe")(lambda *, meta, seed: ModelProbe())
+@pytest.fixture(scope="module", autouse=True)
+def test_components():
+    """This module's probe and streamed dataset, registered only while its tests run: the
+    registries must agree with conf/ for every other module (test_config checks it)."""
+    PROBES.register("ensemble_test_probe")(lambda *, meta, seed: ModelProbe())
+    DATASETS.register("ensemble_test_stream", modality="vector")(_stream_dataset)
+    yield
+    PROBES.unregister("ensemble_test_probe")
+    DATASETS.unregister("ensemble_test_stream")
 
 
 @pytest.mark.parametrize("knobs", [
@@ -156,7 +164,6 @@ def test_members_equal_separate_runs(job, tmp_path, knobs):
 STREAM_CALLS: list[int] = []
 
 
-@DATASETS.register("ensemble_test_stream", modality="vector")
 def _stream_dataset(*, seed: int = 7) -> Bundle:
     """A teacher's labels on fresh Gaussian inputs each step, seeded by the dataset only."""
     gen = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import re
 
 import pandas as pd
 
-from conftest import FAST, dgrun
+from conftest import FAST, cli_here, dgrun, train_here
 from dgrun import __version__
 
 
@@ -19,39 +19,41 @@ def test_version_is_dgruns_and_a_mistyped_command_gets_a_suggestion(tmp_path):
         assert command in help_text
 
 
-def test_list_names_every_choice_and_counts_model_parameters():
-    out = dgrun("list").stdout
+def test_list_names_every_choice_and_counts_model_parameters(capsys):
+    out = cli_here(capsys, "list")[1]
     for choice in ("digits", "partial_labels", "inception", "warmup_cosine", "group_dro",
                    "simplicity_bias", "tensorboard", "zhang2017_fig1bc_digits", "robustness"):
         assert choice in out, choice
     assert "scikit-learn's 1,797 8x8 digits, shipped in its wheel" in out  # the YAML's words
-    models = dgrun("list", "model", "dataset=cifar10", "dataset.center_crop=28").stdout
+    models = cli_here(capsys, "list", "model", "dataset=cifar10", "dataset.center_crop=28")[1]
     for name, count in (("mlp1", "1,209,866"), ("alexnet", "1,387,786"),
                         ("inception", "1,649,402"), ("mlp3", "1,735,178")):
         assert re.search(rf"{name}\s*│\s*{count}", models), name
-    bad = dgrun("list", "model", "dataset=cifar10", "dataset.center_crop=40", check=False)
-    assert bad.returncode == 2 and "larger than the 32x32 images" in bad.stderr
+    code, _, err = cli_here(capsys, "list", "model", "dataset=cifar10", "dataset.center_crop=40")
+    assert code == 2 and "larger than the 32x32 images" in err
 
 
-def test_inspect_shows_layers_shapes_and_the_total():
-    out = dgrun("inspect", "model=alexnet", "dataset=cifar10", "dataset.center_crop=28").stdout
+def test_inspect_shows_layers_shapes_and_the_total(capsys):
+    out = cli_here(capsys, "inspect", "model=alexnet", "dataset=cifar10",
+                   "dataset.center_crop=28")[1]
     assert re.search(r"features\.7\s*│\s*MaxPool2d\s*│\s*64x7x7", out)
     assert re.search(r"classifier\.1\s*│\s*Linear\s*│\s*384\s*│\s*1,204,608", out)
     assert "total: 1,387,786 parameters" in out
-    bad = dgrun("inspect", "model=alexnet", "dataset=mnist1d", check=False)
-    assert bad.returncode == 2 and "cannot take vector data" in bad.stderr
+    code, _, err = cli_here(capsys, "inspect", "model=alexnet", "dataset=mnist1d")
+    assert code == 2 and "cannot take vector data" in err
 
 
-def test_show_a_run_and_a_sweep(tmp_path):
+def test_show_a_run_and_a_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    dgrun("-m", "seed=0,1", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}", *FAST)
-    one = dgrun("show", str(sweep / "1")).stdout
+    for seed in (0, 1):
+        train_here(sweep / str(seed), f"seed={seed}", "trainer.max_epochs=2", *FAST)
+    one = cli_here(capsys, "show", str(sweep / "1"))[1]
     assert "completed (max_epochs) at step 24" in one and "last 3 of 3 metrics rows" in one
-    many = dgrun("show", str(sweep)).stdout
+    many = cli_here(capsys, "show", str(sweep))[1]
     assert "2 runs: 2 completed" in many
     assert len([line for line in many.splitlines() if "completed (max_epochs)" in line]) == 2
-    missing = dgrun("show", str(tmp_path / "nope"), check=False)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    code, _, err = cli_here(capsys, "show", str(tmp_path / "nope"))
+    assert code == 2 and "does not exist" in err
 
 
 def test_a_run_prints_its_config_and_ends_with_a_summary_unless_quiet(tmp_path):
@@ -63,11 +65,11 @@ def test_a_run_prints_its_config_and_ends_with_a_summary_unless_quiet(tmp_path):
     assert "dgrun ->" not in quiet and "record:" not in quiet
 
 
-def test_piped_report_keeps_whole_column_names_and_defaults_fill_swept_keys(tmp_path):
+def test_piped_report_keeps_whole_column_names_and_defaults_fill_swept_keys(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    dgrun("-m", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep / 'a'}", *FAST)
-    dgrun("-m", "trainer.max_epochs=2", "seed=1", f"hydra.sweep.dir={sweep / 'b'}", *FAST)
-    out = dgrun("report", str(sweep), "--html").stdout  # not a terminal: piped
+    train_here(sweep / "a", "trainer.max_epochs=1", *FAST)
+    train_here(sweep / "b", "trainer.max_epochs=2", "seed=1", *FAST)
+    out = cli_here(capsys, "report", str(sweep), "--html")[1]  # captured: not a terminal
     assert "steps to threshold" in out and "comp…" not in out and "ste…" not in out
     table = pd.read_csv(sweep / "report" / "runs.csv")
     assert table["seed"].tolist() == [0, 1]  # run a never set it: its default, not <NA>

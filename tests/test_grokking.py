@@ -2,11 +2,11 @@
 and the probes find it."""
 from __future__ import annotations
 
-from conftest import dgrun, read_metrics, read_summary
+from conftest import read_metrics, read_summary, train_here
 
 
 def test_the_grokking_default_groks_and_says_when(run_dir):
-    dgrun("phenomenon=grokking", "quiet=true", f"hydra.run.dir={run_dir}")
+    train_here(run_dir, "phenomenon=grokking")
     summary = read_summary(run_dir)
     grok = summary["grokking"]
     assert summary["final"]["test_acc"] >= 0.99 and grok["grokked"]
@@ -24,8 +24,8 @@ def test_the_grokking_default_groks_and_says_when(run_dir):
 
 
 def test_sparse_parity_plateaus_then_jumps_and_the_detector_finds_it(run_dir):
-    dgrun("phenomenon=phase_transition", "dataset.n=30", "trainer.max_steps=2000",
-          "trainer.eval_every=25", "quiet=true", f"hydra.run.dir={run_dir}")
+    train_here(run_dir, "phenomenon=phase_transition", "dataset.n=30", "trainer.max_steps=2000",
+               "trainer.eval_every=25")
     summary = read_summary(run_dir)
     rows = read_metrics(run_dir)
     jump = summary["transitions"]["test_acc_step"]
@@ -42,6 +42,5 @@ def test_every_operation_and_the_token_models_train_through_the_command(tmp_path
                               ["dataset=permutation", "model=transformer",
                                "model.d_model=32", "model.d_mlp=64"])):
         run_dir = tmp_path / str(i)
-        dgrun(*args, "trainer.max_steps=5", "trainer.max_epochs=null", "quiet=true",
-              "threads=1", f"hydra.run.dir={run_dir}")
+        train_here(run_dir, *args, "trainer.max_steps=5", "trainer.max_epochs=null", "threads=1")
         assert read_summary(run_dir)["status"] == "completed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import dgrun, read_summary
+from conftest import dgrun, read_summary, train_here
 from dgrun import runtime
 
 
@@ -33,8 +33,8 @@ def test_step_macs_counts_linear_and_conv_work():
 
 
 def test_the_default_job_records_its_threads_and_throughput(run_dir):
-    dgrun("trainer.max_epochs=20", "trainer.stop_at_interpolation=false", "quiet=true",
-          f"hydra.run.dir={run_dir}")  # threads=auto: the default
+    train_here(run_dir, "trainer.max_epochs=20", "trainer.stop_at_interpolation=false")
+    # threads=auto: the default
     summary = read_summary(run_dir)
     assert summary["threads"] == 1  # the digits MLP is far below SMALL_STEP_MACS
     speed = summary["throughput"]
@@ -43,10 +43,23 @@ def test_the_default_job_records_its_threads_and_throughput(run_dir):
 
 
 def test_bad_thread_counts_are_one_line(tmp_path):
-    for value in ("abc", "0", "true"):
-        proc = dgrun(f"threads={value}", cwd=tmp_path, check=False)
-        assert proc.returncode == 2 and "threads=" in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+    from hydra import compose, initialize_config_dir
+
+    from dgrun.config import config_dir, from_hydra, register_schemas
+    from dgrun.errors import UserError
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for value in ("0", "true", "auto", "null", "3"):
+            cfg = compose("config", overrides=[f"threads={value}"])
+            if value in ("0", "true"):
+                with pytest.raises(UserError, match="threads="):
+                    from_hydra(cfg)
+            else:
+                from_hydra(cfg)
+    proc = dgrun("threads=abc", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "threads='abc' is not a thread count" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_evaluation_halves_its_batch_when_memory_runs_out(caplog):
@@ -101,19 +114,18 @@ def _close(a, b, tol):
 
 def test_channels_last_and_bf16_match_the_default_and_resume_exactly(tmp_path):
     base = ["model=alexnet", "trainer.max_steps=16", "trainer.unit=step", "trainer.eval_every=8",
-            "trainer.stop_at_interpolation=false", "quiet=true", "threads=1"]
-    dgrun(*base, f"hydra.run.dir={tmp_path / 'fp32'}")
-    dgrun(*base, "trainer.channels_last=true", f"hydra.run.dir={tmp_path / 'nhwc'}")
+            "trainer.stop_at_interpolation=false", "threads=1"]
+    train_here(tmp_path / "fp32", *base)
+    train_here(tmp_path / "nhwc", *base, "trainer.channels_last=true")
     _close(_rows(tmp_path / "nhwc"), _rows(tmp_path / "fp32"), 1e-4)
-    dgrun(*base, "trainer.precision=bf16", f"hydra.run.dir={tmp_path / 'bf16'}")
-    _close(_rows(tmp_path / "bf16"), _rows(tmp_path / "fp32"), 0.05)
-    # Exact resume with both on: 8 steps, then on to 16, equals 16 straight.
-    both = [*base[1:], "model=alexnet", "trainer.precision=bf16", "trainer.channels_last=true"]
+    # Exact resume with both on: 8 steps, then on to 16, equals 16 straight; and bf16 stays
+    # within rounding of fp32.
+    both = [*base, "trainer.precision=bf16", "trainer.channels_last=true"]
+    train_here(tmp_path / "straight", *both)
+    _close(_rows(tmp_path / "straight"), _rows(tmp_path / "fp32"), 0.05)
     split = tmp_path / "split"
-    dgrun(*[a for a in both if "max_steps" not in a], "trainer.max_steps=8",
-          f"hydra.run.dir={split}")
-    dgrun(*both, f"hydra.run.dir={split}")
-    dgrun(*both, f"hydra.run.dir={tmp_path / 'straight'}")
+    train_here(split, *[a for a in both if "max_steps" not in a], "trainer.max_steps=8")
+    train_here(split, *both)
     assert _rows(split) == _rows(tmp_path / "straight")
 
 

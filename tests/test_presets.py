@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAST, dgrun, read_metrics, read_summary
+from conftest import FAST, dgrun, read_metrics, read_summary, train_here
 from dgrun import checkpoint
 
 
 def test_simplicity_bias_preset_learns_the_colour_first(run_dir):
-    dgrun("phenomenon=simplicity_bias", "trainer.max_steps=120", "probes.dfr.every=1000",
-          f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, "phenomenon=simplicity_bias", "trainer.max_steps=120",
+               "probes.dfr.every=1000", *FAST)
     rows = read_metrics(run_dir)
     assert {"test_worst_group_acc", "test_acc_y_1_color_red", "dfr_test_acc"} <= set(rows[0])
     # Some early evaluation uses the colour alone: train accuracy is rho (0.9) while the test
@@ -26,12 +26,12 @@ def test_group_dro_keeps_its_weights_in_the_checkpoint_and_resumes_exactly(tmp_p
     args = ["phenomenon=simplicity_bias", "objective=group_dro", "objective.eta=2.0",
             "~probes.dfr", *FAST]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    dgrun(*args, "trainer.max_steps=60", f"hydra.run.dir={straight}")
-    dgrun(*args, "trainer.max_steps=25", f"hydra.run.dir={split}")
+    train_here(straight, *args, "trainer.max_steps=60")
+    train_here(split, *args, "trainer.max_steps=25")
     q = checkpoint.load_latest(split / "checkpoints")["objective"]["q"]
     assert q.shape == (4,) and float(q.sum()) == pytest.approx(1.0)
     assert float(q.max() - q.min()) > 0.01  # moved away from uniform, toward the worse groups
-    dgrun(*args, "trainer.max_steps=60", f"hydra.run.dir={split}")  # continues: bigger budget
+    train_here(split, *args, "trainer.max_steps=60")  # continues: a bigger budget
     drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa
     assert drop(read_metrics(split)) == drop(read_metrics(straight))
 
@@ -44,11 +44,10 @@ def test_a_group_objective_on_data_without_groups_is_one_line(tmp_path):
 
 
 def test_robustness_preset_records_corruption_and_adversarial_accuracy(run_dir):
-    dgrun("phenomenon=robustness", "trainer.max_epochs=4",
-          "probes.robustness.corruptions=[gaussian_noise,contrast]",
-          "probes.robustness.severities=[1,5]", "probes.robustness.every=2",
-          "probes.robustness.n=64", "probes.robustness.n_adv=32", f"hydra.run.dir={run_dir}",
-          *FAST)
+    train_here(run_dir, "phenomenon=robustness", "trainer.max_epochs=4",
+               "probes.robustness.corruptions=[gaussian_noise,contrast]",
+               "probes.robustness.severities=[1,5]", "probes.robustness.every=2",
+               "probes.robustness.n=64", "probes.robustness.n_adv=32", *FAST)
     rows = read_metrics(run_dir)
     measured = [r for r in rows if r["corruption_acc"] != ""]
     assert [int(r["step"]) for r in measured] == [0, 24, 48]  # every 2nd evaluation
@@ -63,13 +62,13 @@ def test_a_tracker_from_the_command_line_and_resume_false_removes_its_files(run_
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    dgrun("logger=tensorboard", "trainer.max_epochs=2", "trainer.stop_at_interpolation=false",
-          f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, "logger=tensorboard", "trainer.max_epochs=2",
+               "trainer.stop_at_interpolation=false", *FAST)
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     steps = [e.step for e in events.Scalars("train_acc")]
     assert steps == [int(r["step"]) for r in read_metrics(run_dir)]
-    dgrun("trainer.resume=false", "trainer.max_epochs=2", "trainer.stop_at_interpolation=false",
-          f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, "trainer.resume=false", "trainer.max_epochs=2",
+               "trainer.stop_at_interpolation=false", *FAST)
     assert not (run_dir / "tensorboard").exists() and not (run_dir / "trackers.json").exists()
 
 

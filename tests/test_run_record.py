@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, dgrun, read_metrics, read_summary
+from conftest import FAST, dgrun, read_metrics, read_summary, train_here
 from dgrun import report
 
 SHORT = ["trainer.max_epochs=3", "trainer.stop_at_interpolation=false", *FAST]
@@ -81,8 +81,9 @@ def test_corruption_seed_holds_the_corrupted_data_fixed_across_seeds(tmp_path):
 
     assert not torch.equal(labels(0), labels(1))
     sweep = tmp_path / "sweep"
-    dgrun("-m", "seed=0,1", "corruption=partial_labels", "corruption.seed=7",
-          "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *FAST)
+    for seed in (0, 1):
+        train_here(sweep / str(seed), f"seed={seed}", "corruption=partial_labels",
+                   "corruption.seed=7", "trainer.max_epochs=1", *FAST)
     a, b = read_summary(sweep / "0"), read_summary(sweep / "1")
     assert a["corruption"]["seed"] == b["corruption"]["seed"] == 7 and a["seed"] != b["seed"]
     assert a["corruption"]["train_rows_changed"] == b["corruption"]["train_rows_changed"] > 0
@@ -92,25 +93,27 @@ def test_corruption_seed_holds_the_corrupted_data_fixed_across_seeds(tmp_path):
 
 
 # ---------------------------------------------------------------- 3. idempotent re-runs
-def test_rerunning_a_stopped_or_diverged_run_changes_nothing(tmp_path):
+def test_rerunning_a_stopped_or_diverged_run_changes_nothing(tmp_path, capsys):
     stopped = tmp_path / "stopped"
     args = ["trainer.max_epochs=null", "trainer.max_time_s=0.5",
-            "trainer.stop_at_interpolation=false", f"hydra.run.dir={stopped}", *FAST]
-    dgrun(*args)
+            "trainer.stop_at_interpolation=false", *FAST]
+    train_here(stopped, *args)
     assert read_summary(stopped)["stop_reason"] == "max_time_s"
     before = snapshot(stopped)
-    assert "already finished" in dgrun(*args).stderr  # on the terminal, not in dgrun.log
+    capsys.readouterr()
+    train_here(stopped, *args)
+    assert "already finished" in capsys.readouterr().err  # on the terminal, not in a log
     assert snapshot(stopped) == before
     # A bigger time budget continues it.
-    dgrun(*args[:1], "trainer.max_time_s=1.0", *args[2:])
+    train_here(stopped, *args[:1], "trainer.max_time_s=1.0", *args[2:])
     assert read_summary(stopped)["resumed_at_steps"] and read_summary(stopped)["time_s"] >= 1.0
 
     diverged = tmp_path / "diverged"
-    args = ["optimizer.lr=1e12", "trainer.max_epochs=20", f"hydra.run.dir={diverged}", *FAST]
-    dgrun(*args)
+    args = ["optimizer.lr=1e12", "trainer.max_epochs=20", *FAST]
+    train_here(diverged, *args)
     assert read_summary(diverged)["status"] == "diverged"
     before = snapshot(diverged)
-    dgrun(*args[:1], "trainer.max_epochs=50", *args[2:])  # not even a bigger budget
+    train_here(diverged, *args[:1], "trainer.max_epochs=50", *args[2:])  # nor a bigger budget
     assert snapshot(diverged) == before
 
 
@@ -119,21 +122,19 @@ def test_a_finished_run_is_judged_before_its_data_is_read(tmp_path):
 
     data, run_dir = tmp_path / "data", tmp_path / "run"
     _write_cifar10(data, per_batch=8)
-    args = ["dataset=cifar10", f"dataset.root={data}", "trainer.max_epochs=1",
-            f"hydra.run.dir={run_dir}", *FAST]
-    dgrun(*args)
+    args = ["dataset=cifar10", f"dataset.root={data}", "trainer.max_epochs=1", *FAST]
+    train_here(run_dir, *args)
     for f in (data / "cifar-10-batches-py").iterdir():
         f.unlink()  # the data moved away: a finished run needs none of it
-    proc = dgrun(*args)
-    assert "already finished" in proc.stderr and proc.returncode == 0
+    assert train_here(run_dir, *args)["status"] == "completed"  # no "CIFAR-10 not found"
 
 
 def test_a_run_stopped_at_the_threshold_continues_without_the_stop(run_dir):
-    dgrun(f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, *FAST)
     first = read_summary(run_dir)
     assert first["stop_reason"] == "interpolation"
-    dgrun(f"hydra.run.dir={run_dir}", "trainer.stop_at_interpolation=false",
-          f"trainer.max_steps={first['steps'] + 24}", *FAST)
+    train_here(run_dir, "trainer.stop_at_interpolation=false",
+               f"trainer.max_steps={first['steps'] + 24}", *FAST)
     then = read_summary(run_dir)
     assert then["steps"] == first["steps"] + 24 and then["stop_reason"] == "max_steps"
     assert then["resumed_at_steps"] == [first["steps"]]
@@ -142,8 +143,7 @@ def test_a_run_stopped_at_the_threshold_continues_without_the_stop(run_dir):
 
 # ---------------------------------------------------------------- 4. metrics at the threshold
 def test_the_summary_records_the_metrics_at_the_interpolation_point(run_dir):
-    dgrun(f"hydra.run.dir={run_dir}", "trainer.stop_at_interpolation=false",
-          "trainer.max_epochs=150", *FAST)
+    train_here(run_dir, "trainer.stop_at_interpolation=false", "trainer.max_epochs=150", *FAST)
     summary = read_summary(run_dir)
     at = summary["interpolation"]
     row = next(r for r in read_metrics(run_dir) if int(r["step"]) == at["step"])
@@ -205,15 +205,18 @@ def test_stall_rule_on_synthetic_curves():
     assert not stalled(frozen[:10], 10)  # too few evaluations to judge
 
 
-def test_a_run_whose_lr_decays_to_nothing_ends_as_stalled_and_the_report_says_so(tmp_path):
+def test_a_run_whose_lr_decays_to_nothing_ends_as_stalled_and_the_report_says_so(tmp_path,
+                                                                                  capsys):
     sweep = tmp_path / "sweep"
-    dgrun("-m", "phenomenon=rethinking", "scheduler.gamma=0.5", "trainer.stall_patience=5",
-          "corruption=random_labels", "trainer.max_epochs=200", "seed=0",
-          f"hydra.sweep.dir={sweep}", *FAST)
+    train_here(sweep / "0", "phenomenon=rethinking", "scheduler.gamma=0.5",
+               "trainer.stall_patience=5", "corruption=random_labels", "trainer.max_epochs=200",
+               *FAST)
     summary = read_summary(sweep / "0")
     assert summary["status"] == "stopped" and summary["stop_reason"] == "stalled"
     assert summary["steps"] < 200 * 12 and not summary["interpolation"]["reached"]
-    out = dgrun("report", str(sweep)).stdout
+    capsys.readouterr()
+    report.report([sweep], figures=False)
+    out = capsys.readouterr().out
     assert "1 of 1 runs did not reach the interpolation threshold" in out
     assert "0: stopped (stalled)" in out
 
@@ -225,10 +228,9 @@ def test_resume_false_in_a_users_directory_removes_only_what_dgrun_wrote(tmp_pat
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "model.pt").write_bytes(b"user weights")
     (tmp_path / "notes.txt").write_text("user notes")
-    dgrun("hydra.run.dir=.", *SHORT, cwd=tmp_path)
+    train_here(tmp_path, *SHORT)  # the run directory is the user's own folder
     assert (tmp_path / "checkpoints" / "last.pt").exists()
-    dgrun("hydra.run.dir=.", "trainer.resume=false", *SHORT, "trainer.max_epochs=2",
-          cwd=tmp_path)
+    train_here(tmp_path, "trainer.resume=false", *SHORT, "trainer.max_epochs=2")
     assert (tmp_path / "plots" / "mine.png").read_bytes() == b"user figure"
     assert (tmp_path / "checkpoints" / "model.pt").read_bytes() == b"user weights"
     assert (tmp_path / "notes.txt").read_text() == "user notes"
@@ -291,7 +293,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(tmp_path):
 
 
 def test_a_diverged_run_writes_strict_json_and_marks_its_plots(run_dir):
-    dgrun("optimizer.lr=1e12", "trainer.max_epochs=20", f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, "optimizer.lr=1e12", "trainer.max_epochs=20", *FAST)
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -389,8 +391,8 @@ def test_weight_decay_dropout_and_smoothing_change_what_they_should(tmp_path):
 
 
 def read_summary_of(run_dir: Path, *args: str) -> dict:
-    dgrun(*args, "trainer.max_epochs=5", "trainer.stop_at_interpolation=false",
-          f"hydra.run.dir={run_dir}", *FAST)
+    train_here(run_dir, *args, "trainer.max_epochs=5", "trainer.stop_at_interpolation=false",
+               *FAST)
     return read_summary(run_dir)
 
 

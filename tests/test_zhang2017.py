@@ -18,8 +18,9 @@ def cifar_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("model, params", [("mlp1", 1_209_866), ("alexnet", 1_387_786),
-                                           ("inception", 1_649_402)])
+@pytest.mark.parametrize("model, params", [
+    ("mlp1", 1_209_866), ("alexnet", 1_387_786),
+    pytest.param("inception", 1_649_402, marks=pytest.mark.slow)])  # 20 s on 2 cores
 def test_fake_cifar10_trains_the_papers_models_with_the_papers_setup(tmp_path, cifar_root,
                                                                     model, params):
     run_dir = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_whitening_is_per_image_as_in_tensorflow():
     assert torch.all(flat[0] == 0) and math.isfinite(float(flat.sum()))
 
 
+@pytest.mark.slow
 def test_digits_figure1_shows_what_the_paper_shows(tmp_path):
     """The offline Fig. 1b/1c at three corruption levels: every level is fit to 100%, test
     accuracy falls to chance, and fitting noisy labels takes longer than fitting clean ones."""

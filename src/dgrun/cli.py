@@ -225,12 +225,16 @@ def _interrupted(signum=None, frame=None) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupted)
+        previous = signal.signal(signal.SIGINT, _interrupted)
     try:
         _main(argv)
     except KeyboardInterrupt:  # a second Ctrl-C during training
         _interrupted()
+    finally:  # called from Python (tests, notebooks): leave Ctrl-C as it was
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: Optional[list[str]]) -> None:

@@ -30,6 +30,11 @@ class Registry:
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove `name` (a plugin or a test that registered a builder for a while)."""
+        self.get(name)
+        del self._builders[name], self._tags[name]
+
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._builders if fnmatch.fnmatch(n, pattern))
 

@@ -31,6 +31,12 @@ def apply(bundle: Bundle, name: str, *, seed: int, prob: float = 0.0,
     A corruption registered with `applied_prob` changes every row (or none) whatever `prob`
     says; the config refuses any other prob for it, so the recorded prob is the applied one.
     """
+    if name != "none" and bundle.train.stream is not None:
+        # Streamed batches are drawn fresh every step: corrupting the fixed sample that
+        # measures train accuracy would leave the data actually trained on clean.
+        raise UserError(f"corruption '{name}' needs a fixed training set, but "
+                        f"'{bundle.meta.name}' draws fresh samples every step",
+                        "set dataset.train_size=N (a fixed training set), or corruption=none")
     gen = torch.Generator().manual_seed(derive_seed(seed, "corruption"))
     corrupt = CORRUPTIONS.build(name, bundle.train, bundle.meta, gen, prob=prob)
     train = corrupt(bundle.train, gen)
