@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import platform
 import sys
 from pathlib import Path
@@ -48,6 +49,16 @@ class MetricsFile:
     def _columns(rows: list[dict]) -> list[str]:
         seen = dict.fromkeys(k for r in rows for k in r)
         return [c for c in COLUMNS if c in seen] + [k for k in seen if k not in COLUMNS]
+
+
+def number(value: Any) -> Optional[float]:
+    """A metrics-row cell as a float, or None when it is blank: missing, '', None, NaN or
+    infinite (a probe that measures every Nth evaluation leaves the others blank)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _fmt(value: Any) -> Any:

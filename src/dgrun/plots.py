@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # runs on clusters and CI: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dgrun.metrics import number  # noqa: E402
+
 Mark = tuple[int, str]
 # Marks take colours the curves (matplotlib's default cycle C0-C3) do not use, so a vertical
 # line is never mistaken for a curve; past eight marks the colours repeat with a new dash.
@@ -24,20 +26,13 @@ MARK_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"
 MARK_DASHES = ("--", "-.", ":")
 
 
-def _number(x) -> Optional[float]:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
 
 def series(rows: list[dict], key: str, log_x: bool = False) -> tuple[list[float], list[float]]:
     """(steps, values) of one column: blanks and non-finite values are left out (a diverged
     run plots its finite part), and so is step 0 on a log axis (it has no place there)."""
     steps, values = [], []
     for row in rows:
-        step, value = _number(row.get("step")), _number(row.get(key))
+        step, value = number(row.get("step")), number(row.get(key))
         if step is None or value is None or (log_x and step <= 0):
             continue
         steps.append(step)

@@ -28,6 +28,7 @@ log = logging.getLogger("dgrun")
 Value = float | int | Tensor
 
 
+
 class Evaluation:
     """One evaluation's shared view of the model and data (eval mode, no gradients)."""
 

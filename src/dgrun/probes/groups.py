@@ -27,6 +27,7 @@ from torch import Tensor
 from dgrun.data.bundle import Meta
 from dgrun.errors import UserError
 from dgrun.probes import PROBES
+from dgrun.metrics import number
 from dgrun.probes.base import Evaluation, Probe
 
 SPLITS = ("train", "test", "val")
@@ -90,13 +91,13 @@ class GroupAccuracy(Probe):
         return row
 
     def summarize(self, rows: list[dict]) -> dict:
-        rows = [r for r in rows if _number(r.get("test_worst_group_acc")) is not None
-                and _number(r.get("test_avg_acc")) is not None]
+        rows = [r for r in rows if number(r.get("test_worst_group_acc")) is not None
+                and number(r.get("test_avg_acc")) is not None]
         if not rows:
             return {"groups": {"worst_group_catch_up_step": None}}
         steps = [int(r["step"]) for r in rows]
-        avg = [_number(r["test_avg_acc"]) for r in rows]
-        worst = [_number(r["test_worst_group_acc"]) for r in rows]
+        avg = [number(r["test_avg_acc"]) for r in rows]
+        worst = [number(r["test_worst_group_acc"]) for r in rows]
         gaps = [a - w for a, w in zip(avg, worst)]
         # The untrained model (first row) often predicts one class, worst group 0: a gap that
         # says nothing about what training learned, so the widest gap is sought after it.
@@ -114,13 +115,6 @@ class GroupAccuracy(Probe):
         step = summary.get("groups", {}).get("worst_group_catch_up_step")
         return [] if step is None else [(step, "worst group catches up")]
 
-
-def _number(value) -> Optional[float]:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if out == out else None  # NaN counts as missing
 
 
 @PROBES.register("groups")

@@ -17,7 +17,6 @@ the model changes between evaluations. Other evaluations return {} (blank cells)
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -26,6 +25,7 @@ from torch import Tensor
 from dgrun.data.bundle import Meta, Split
 from dgrun.errors import UserError
 from dgrun.probes import PROBES
+from dgrun.metrics import number
 from dgrun.probes.base import Evaluation, Probe
 from dgrun.robustness.attacks import AttackSpec, adversarial_accuracy
 from dgrun.robustness.corruptions import SEVERITIES, names
@@ -73,14 +73,14 @@ class RobustnessProbe(Probe):
         return columns
 
     def summarize(self, rows: list[dict]) -> dict:
-        measured = [r for r in rows if _number(r.get("corruption_acc")) is not None
-                    or _number(r.get("adv_acc")) is not None]
+        measured = [r for r in rows if number(r.get("corruption_acc")) is not None
+                    or number(r.get("adv_acc")) is not None]
         if not measured:
             return {}
         last = measured[-1]
         out: dict[str, float | int] = {"measured_step": int(last["step"])}
         for key in ("corruption_acc", "adv_acc"):
-            series = [(r["step"], _number(r.get(key))) for r in measured]
+            series = [(r["step"], number(r.get(key))) for r in measured]
             series = [(s, v) for s, v in series if v is not None]
             if not series:
                 continue
@@ -89,12 +89,12 @@ class RobustnessProbe(Probe):
             out[f"{key}_best"] = best
             out[f"{key}_best_step"] = int(best_step)
         for key, value in last.items():
-            if key.startswith("corruption_acc_") and _number(value) is not None:
-                out[key] = _number(value)
-        if "corruption_acc" in out and _number(last.get("test_acc")) is not None:
+            if key.startswith("corruption_acc_") and number(value) is not None:
+                out[key] = number(value)
+        if "corruption_acc" in out and number(last.get("test_acc")) is not None:
             # How much of the clean test accuracy the corruptions take away, at the last
             # measurement (the clean figure is the whole test split's).
-            out["corruption_gap"] = _number(last["test_acc"]) - out["corruption_acc"]
+            out["corruption_gap"] = number(last["test_acc"]) - out["corruption_acc"]
         return {"robustness": out}
 
     def marks(self, summary: dict) -> list[tuple[int, str]]:
@@ -104,8 +104,8 @@ class RobustnessProbe(Probe):
     def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
         from dgrun.plots import plt
 
-        measured = [r for r in rows if _number(r.get("corruption_acc")) is not None
-                    or _number(r.get("adv_acc")) is not None]
+        measured = [r for r in rows if number(r.get("corruption_acc")) is not None
+                    or number(r.get("adv_acc")) is not None]
         if not measured:
             return []
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,16 +135,9 @@ class RobustnessProbe(Probe):
         self.evaluations = int(state["evaluations"])
 
 
-def _number(value) -> Optional[float]:
-    """A cell as a float, or None when blank (missing, None, '' or NaN)."""
-    if value is None or value == "":
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
 
 def _line(ax, rows: list[dict], key: str, label: Optional[str], **style) -> None:
-    points = [(r["step"], _number(r.get(key))) for r in rows]
+    points = [(r["step"], number(r.get(key))) for r in rows]
     points = [(s, v) for s, v in points if v is not None]
     if points:
         ax.plot([s for s, _ in points], [v for _, v in points], label=label, **style)

@@ -48,12 +48,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from dgrun.errors import UserError
 from dgrun.probes import PROBES
+from dgrun.metrics import number
 from dgrun.probes.base import Probe
 
 EDGE = 0.2                # a point within 20% of the jump from a level is still at that level
@@ -159,21 +160,14 @@ def curve(rows: Iterable[dict], metric: str) -> tuple[list[float], list[float]]:
         else (metric, False)
     steps, values = [], []
     for row in rows:
-        value = _number(row.get(column))
-        step = _number(row.get("step"))
+        value = number(row.get(column))
+        step = number(row.get("step"))
         if value is None or step is None or (log and value <= 0):
             continue
         steps.append(step)
         values.append(math.log10(value) if log else value)
     return steps, values
 
-
-def _number(x) -> Optional[float]:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 class TransitionsProbe(Probe):
