@@ -197,3 +197,13 @@ def test_torch_compile_matches_eager(tmp_path):
     dgrun(*base, f"hydra.run.dir={tmp_path / 'eager'}")
     dgrun(*base, "trainer.compile=true", f"hydra.run.dir={tmp_path / 'compiled'}", timeout=900)
     _close(_rows(tmp_path / "compiled"), _rows(tmp_path / "eager"), 1e-4)
+
+
+def test_an_ensemble_chooses_its_threads_too(tmp_path):
+    from conftest import train_here
+
+    train_here(tmp_path / "ens", "trainer.ensemble=2", "trainer.max_steps=12",
+               "trainer.max_epochs=null")  # threads=auto, the default
+    for k in range(2):
+        summary = read_summary(tmp_path / "ens" / f"member_{k}")
+        assert summary["status"] == "completed" and summary["threads"] == 1

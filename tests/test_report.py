@@ -222,7 +222,7 @@ def test_figures_that_do_not_apply_are_skipped_with_a_note(tmp_path, capsys):
     (["{root}/nope"], "does not exist"),
     (["{root}/empty"], "no run directories under"),
     (["{root}/sweep", "--x", "probb"], "did you mean prob?"),
-    (["{root}/sweep", "--y", "final_test_acc"], "--y and --hue need --x"),
+    (["{root}/sweep", "--y", "final_test_acc"], "--y needs --x"),
     (["{root}/sweep", "--x", "prob", "--y", "status"], "is not numeric"),
     (["{root}/sweep", "--bogus"], "unrecognized arguments"),
 ])

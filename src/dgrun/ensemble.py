@@ -148,7 +148,7 @@ def _checkpoint_at(m: Member, step: int, steps: dict[int, int]) -> dict:
 
 def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         job_num: Optional[int] = None, overrides: Optional[list[str]] = None,
-        on_start: Optional[Callable[[RunDir], None]] = None) -> dict:
+        on_start: Optional[Callable[[RunDir], None]] = None, parallel_jobs: int = 1) -> dict:
     """Train the ensemble into run_dir/member_<k>/ (see the module docstring); returns the
     ensemble's summary (ensemble.json). Like dgrun.run.run, nothing is written before every
     member's decision is known and every check has passed."""
@@ -169,9 +169,15 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         return aggregate([m.decision.summary or {} for m in members], run_dir)
     start = lockstep(members)
     sinks = [trackers.build(cfg.logger) if m.trains else None for m in members]
-    device = runtime.configure(threads=cfg.threads, deterministic=cfg.deterministic,
-                               device=cfg.device, job_num=job_num)
+    device = runtime.configure(threads=runtime.start_threads(cfg.threads, parallel_jobs),
+                               deterministic=cfg.deterministic, device=cfg.device,
+                               job_num=job_num)
     stack, parts = build(cfg, members, device)
+    if cfg.threads == "auto" and device.type == "cpu":  # the whole stack's step counts
+        x = members[0].bundle.train.x[:1]
+        batch = members[0].bundle.prepare(x.expand(parts.plan.batch_size, *x.shape[1:]))
+        macs = runtime.step_macs(stack.views[0], batch) * len(members)
+        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
     restore(stack, parts, members)
     meta, plan = members[0].bundle.meta, parts.plan
     log.info("%s | %s (%d params) x %d: seeds %d..%d | %s p=%s | %d train / %d test | %s | "

@@ -346,7 +346,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--x", metavar="KEY", help="x axis: a table column (default for the "
                    "corruption figures: prob)")
     p.add_argument("--y", metavar="KEY", help="with --x: also draw <y>_vs_<x>.png")
-    p.add_argument("--hue", metavar="KEY", help="one line per value of this column")
+    p.add_argument("--hue", metavar="KEY", help="one line per value of this column (in every "
+                   "figure, curves included)")
     p.add_argument("--curve", metavar="COLUMN", action="append", default=[],
                    help="also draw <COLUMN>_curves.png: a metrics.csv column over training "
                         "(repeatable), e.g. --curve test_worst_group_acc --curve adv_acc")
@@ -357,8 +358,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_keys(table: pd.DataFrame, args: argparse.Namespace) -> None:
-    if (args.y or args.hue) and not args.x:
-        raise UserError("--y and --hue need --x", "e.g. --x prob --y final_test_acc")
+    if args.y and not args.x:
+        raise UserError("--y needs --x", "e.g. --x prob --y final_test_acc")
     for option in ("x", "y", "hue"):
         key = getattr(args, option)
         if key is not None and key not in table:

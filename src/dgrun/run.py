@@ -167,6 +167,7 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     if cfg.trainer.ensemble > 1:  # N seeds in this process, one run directory each
         from dgrun import ensemble
         return ensemble.run(cfg, run_dir, config, job_num=job_num, overrides=overrides,
+                            parallel_jobs=parallel_jobs,
                             on_start=on_start)
     record = RunDir(run_dir)
     decision = decide(record, config, cfg.trainer)
@@ -183,9 +184,9 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         on_start(record)
     sinks = trackers.build(cfg.logger)  # before the data: a tracker that cannot start says so
     auto = cfg.threads == "auto"
-    device = runtime.configure(
-        threads=max(1, runtime.available_cpus() // parallel_jobs) if auto else cfg.threads,
-        deterministic=cfg.deterministic, device=cfg.device, job_num=job_num)
+    device = runtime.configure(threads=runtime.start_threads(cfg.threads, parallel_jobs),
+                               deterministic=cfg.deterministic, device=cfg.device,
+                               job_num=job_num)
     seed_everything(cfg.seed)
     parts = build(cfg, device)
     if auto and device.type == "cpu":

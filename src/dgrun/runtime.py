@@ -51,6 +51,14 @@ def auto_threads(step_macs: float, parallel_jobs: int = 1) -> int:
     return max(1, available_cpus() // max(1, parallel_jobs))
 
 
+def start_threads(setting, parallel_jobs: int = 1) -> Optional[int]:
+    """The thread count to load data with: `auto` starts with this job's share of the CPUs
+    (and may drop to 1 once the model is known: auto_threads); N is N; None is torch's own."""
+    if setting == "auto":
+        return max(1, available_cpus() // max(1, parallel_jobs))
+    return setting
+
+
 def step_macs(model: nn.Module, x: torch.Tensor) -> float:
     """Multiply-accumulates of one forward pass of `x` through the Linear and Conv layers."""
     total = [0.0]
