@@ -27,17 +27,28 @@ GROUPS = ("dataset", "corruption", "model", "optimizer", "scheduler", "objective
 
 def describe_choice(path: Path, width: int = 110) -> str:
     """A config file's opening comment, first sentence: every shipped YAML says what it is."""
-    words = []
-    for line in path.read_text().splitlines():
-        text = line.strip()
-        if text.startswith("# @package"):
-            continue
+    lines = [line.strip() for line in path.read_text().splitlines()
+             if not line.strip().startswith("# @package")]
+    comment = []
+    for text in lines:
         if not text.startswith("#") or text == "#":
+            if comment:
+                break
+            continue
+        comment.append(text.lstrip("#"))
+    return first_sentence(comment, width)
+
+
+def first_sentence(lines: list[str], width: int = 110) -> str:
+    """The first sentence of a paragraph (the lines up to the first blank one)."""
+    words = []
+    for line in lines:
+        if not line.strip():
             if words:
                 break
             continue
-        words.append(text.lstrip("#").strip())
-    sentence = re.split(r"(?<=[a-z0-9)])\. (?=[A-Z(])", " ".join(words))[0].rstrip(".")
+        words.append(line.strip())
+    sentence = re.split(r"(?<=[a-z0-9)`])\. (?=[A-Z(`])", " ".join(words))[0].rstrip(".")
     return sentence if len(sentence) <= width else sentence[:width - 1].rstrip() + "…"
 
 
@@ -78,7 +89,7 @@ def list_choices(group: Optional[str], overrides: list[str]) -> None:
 
     from dgrun.config import config_dir
 
-    groups = [group] if group else list(GROUPS)
+    groups = [] if group == "probe" else [group] if group else list(GROUPS)
     console = Console(width=None if sys.stdout.isatty() else 160)
     counts = _param_counts(overrides) if group == "model" else {}
     for name in groups:
@@ -99,8 +110,7 @@ def list_choices(group: Optional[str], overrides: list[str]) -> None:
         table = Table(title="+probes.NAME={...} (phenomenon presets choose some)",
                       title_justify="left", show_header=False)
         for name in PROBES.names():
-            doc = (PROBES.get(name).__doc__ or "").strip().splitlines()
-            table.add_row(name, doc[0] if doc else "")
+            table.add_row(name, first_sentence((PROBES.get(name).__doc__ or "").splitlines()))
         console.print(table)
 
 
