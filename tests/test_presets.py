@@ -84,3 +84,18 @@ def test_a_missing_tracker_package_is_one_line_before_anything_is_written(tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert "logger 'wandb' needs the 'wandb' package" in proc.stderr
     assert "pip install 'dgrun[wandb]'" in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_every_tracker_runs_from_its_shipped_config(run_dir):
+    """The configs as shipped (W&B's and MLflow's carry a `name`/`run_name` option) through a
+    real run: each tracker writes its files, and trackers.json keeps their run ids."""
+    import json
+
+    for package in ("tensorboard", "wandb", "mlflow"):
+        pytest.importorskip(package)
+    train_here(run_dir, "logger=[tensorboard,mlflow,wandb]", "trainer.max_epochs=2", *FAST)
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    assert ids["wandb"]["run_id"] and ids["mlflow"]["run_id"]
+    assert ids["tensorboard"]["last_step"] == read_summary(run_dir)["steps"]
+    assert any((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "mlruns").is_dir() and (run_dir / "tensorboard").is_dir()

@@ -58,7 +58,7 @@ class Registry:
         params = inspect.signature(self.get(name)).parameters.values()
         return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
-    def build(self, name: str, *args: Any, **options: Any) -> Any:
+    def build(self, name: str, /, *args: Any, **options: Any) -> Any:
         """Build `name`, naming any option the builder does not take instead of a TypeError."""
         builder = self.get(name)
         params = inspect.signature(builder).parameters
