@@ -120,7 +120,7 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
     `forward` is what training steps call (a torch.compile'd model); evaluation, checkpoints
     and probes use `model` itself.
     """
-    forward = forward or model
+    forward = model if forward is None else forward
     autocast = torch.autocast(train.y.device.type, dtype=torch.bfloat16,
                               enabled=plan.precision == "bf16")
     device = train.y.device
