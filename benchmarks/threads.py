@@ -25,6 +25,9 @@ from throughput import cpu_model, write_cifar10  # noqa: E402
 
 CASES = {  # name -> overrides (CIFAR cases read the fake data written to {data})
     "digits mlp1 (default job)": ["trainer.max_epochs=40"],
+    "digits mlp3": ["model=mlp3", "trainer.max_epochs=20"],
+    "cifar mlp1 batch 32": ["dataset=cifar10", "dataset.root={data}", "dataset.center_crop=28",
+                            "model=mlp1", "trainer.batch_size=32", "trainer.max_epochs=1"],
     "cifar mlp1": ["dataset=cifar10", "dataset.root={data}", "dataset.center_crop=28",
                    "model=mlp1", "trainer.max_epochs=1"],
     "cifar wrn-16-3": ["dataset=cifar10", "dataset.root={data}", "model=wrn",
@@ -60,6 +63,7 @@ def main() -> int:
     p.add_argument("--threads", default="2", help="the multi-threaded setting to compare")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--cifar-samples", type=int, default=10_000)
+    p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--out")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +73,9 @@ def main() -> int:
         print("| case | step MACs | threads=1 | threads=" + args.threads
               + " | threads=auto (chose) |")
         print("|---|---:|---:|---:|---:|")
-        for case, template in CASES.items():
+        chosen = args.cases.split(",") if args.cases else list(CASES)
+        for case in chosen:
+            template = CASES[case]
             overrides = [o.replace("{data}", str(tmp / "data")) for o in template]
             macs = step_macs(overrides)
             results = {"1": [], args.threads: [], "auto": []}

@@ -21,11 +21,11 @@ INITIAL_THREADS = torch.get_num_threads()
 
 
 # Below this much work per training step (multiply-accumulates of the Linear and Conv layers,
-# forward pass, whole batch), a second thread costs more in hand-offs than it saves:
-# benchmarks/threads.py measured the digits MLP (5M) and MLP 1x512 on CIFAR-sized input
-# (0.15G) no faster with 2 threads, and much slower on a busy machine, while WRN-16-3 (29G)
-# gains. See benchmarks/README.md.
-SMALL_STEP_MACS = 1e9
+# forward pass, whole batch), a second thread costs about what it saves: benchmarks/threads.py
+# on an idle 2-core machine measured the digits MLP (5M) no faster with 2 threads, while
+# steps of 39M-155M already ran 1.3-1.6x faster. On a busy machine extra threads are much
+# slower at any size (threads=1 there). See benchmarks/README.md.
+SMALL_STEP_MACS = 2e7
 
 
 def available_cpus() -> int:
