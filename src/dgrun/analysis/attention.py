@@ -18,6 +18,7 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -185,12 +186,18 @@ def _plot_fourier(result: Result, out_dir) -> list:
     ax.set_xticks(range(len(steps)), [str(t) for t in steps], rotation=45, fontsize=7)
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("frequency k")
+    key = s["key_frequencies"]
+    # Before the embedding has gone sparse nearly every frequency is "key": a list that long
+    # would stretch the figure to fit its title.
+    said = (f"key frequencies at the end: {key}" if len(key) <= 12 else
+            f"{len(key)} of {grid.shape[0]} frequencies carry {s['energy']:.0%} (not sparse yet)")
     ax.set_title(f"Token embedding in the Fourier basis of Z_{s['p']}: norm per frequency\n"
-                 f"key frequencies at the end: {s['key_frequencies']}")
+                 + said)
     fig.colorbar(im, ax=ax, label="norm")
     ax2.plot(keys["step"], keys["count"], "o-")
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"# frequencies for {s['energy']:.0%}\nof the squared norm")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.grid(alpha=0.3)
     marks = result.summary.get("marks") or []
     if marks:
