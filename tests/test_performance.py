@@ -190,6 +190,46 @@ def test_training_steps_never_wait_for_the_device():
     assert reads["n"] == 0
 
 
+def test_the_profiler_sees_no_scalar_reads_that_grow_with_the_steps():
+    """The same check through torch's profiler: every host read of a tensor's value dispatches
+    `aten::_local_scalar_dense`. Training 20 more steps between the same evaluations must add
+    none of them (a per-step .item() or `if loss.isnan()` would add 20)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dgrun.data.bundle import Split
+    from dgrun.losses import LOSSES
+    from dgrun.train import Plan, State, fit
+
+    class Hooks:
+        def on_step(self, state):
+            pass
+        def on_eval(self, state, row):
+            pass
+        def save(self, state, reason):
+            pass
+        def stop_requested(self):
+            return None
+
+    def scalar_reads(steps: int) -> int:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 3))
+        split = Split(torch.randn(256, 8), torch.randint(3, (256,)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        loss, eval_loss = LOSSES.build("cross_entropy")
+        plan = Plan(seed=0, batch_size=32, steps_per_epoch=8, max_steps=steps,
+                    max_time_s=None, is_eval_step=lambda s: s == steps,
+                    is_checkpoint_step=lambda s: False, stop_at_interpolation=False,
+                    grad_clip=1.0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fit(model, split, split, opt, sched, lambda o, y, r: loss(o, y), eval_loss, plan,
+                State(), Hooks())
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+
+    assert scalar_reads(20) == scalar_reads(40)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tmp_path):
     base = ["trainer.max_steps=24", "trainer.unit=step", "trainer.eval_every=8",
