@@ -129,27 +129,49 @@ def test_channels_last_and_bf16_match_the_default_and_resume_exactly(tmp_path):
     assert _rows(split) == _rows(tmp_path / "straight")
 
 
-def test_training_steps_never_wait_for_the_device():
-    """Between evaluations nothing reads a tensor's value on the host (.item(), bool(),
-    .tolist(), .cpu()): on a GPU each would stall the queue of kernels every step."""
+class QuietHooks:
+    def on_step(self, state):
+        pass
+    def on_eval(self, state, row):
+        pass
+    def save(self, state, reason):
+        pass
+    def stop_requested(self):
+        return None
+
+
+def fit_tiny(max_steps: int, is_eval_step, hooks):
+    """`fit` on a small MLP with dropout, momentum, a decaying lr and gradient clipping: every
+    per-step feature that could read a value back."""
     from dgrun.data.bundle import Split
     from dgrun.losses import LOSSES
     from dgrun.train import Plan, State, fit
 
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(16, 3))
+    split = Split(torch.randn(256, 8), torch.randint(3, (256,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99 ** s)
+    loss, eval_loss = LOSSES.build("cross_entropy")
+    plan = Plan(seed=0, batch_size=32, steps_per_epoch=8, max_steps=max_steps, max_time_s=None,
+                is_eval_step=is_eval_step, is_checkpoint_step=lambda s: False,
+                stop_at_interpolation=False, grad_clip=1.0)
+    return fit(model, split, split, opt, sched, lambda o, y, r: loss(o, y), eval_loss, plan,
+               State(), hooks)
+
+
+def test_training_steps_never_wait_for_the_device():
+    """Between evaluations nothing reads a tensor's value on the host (.item(), bool(),
+    .tolist(), .cpu()): on a GPU each would stall the queue of kernels every step."""
+    import dgrun.train
+
     reads = {"n": 0}
     watching = {"on": False}
 
-    class Hooks:
+    class Watching(QuietHooks):
         def on_step(self, state):
             watching["on"] = True  # from the first step's end to the next evaluation
-        def on_eval(self, state, row):
-            pass
-        def save(self, state, reason):
-            pass
-        def stop_requested(self):
-            return None
-
-    import dgrun.train
 
     measure = dgrun.train.measure
 
@@ -170,18 +192,7 @@ def test_training_steps_never_wait_for_the_device():
         setattr(torch.Tensor, name, spy)
     dgrun.train.measure = measuring
     try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-                                    torch.nn.Dropout(0.1), torch.nn.Linear(16, 3))
-        split = Split(torch.randn(256, 8), torch.randint(3, (256,)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.99 ** s)
-        loss, eval_loss = LOSSES.build("cross_entropy")
-        plan = Plan(seed=0, batch_size=32, steps_per_epoch=8, max_steps=40, max_time_s=None,
-                    is_eval_step=lambda s: s % 20 == 0, is_checkpoint_step=lambda s: False,
-                    stop_at_interpolation=False, grad_clip=1.0)
-        state = fit(model, split, split, opt, sched, lambda o, y, r: loss(o, y), eval_loss,
-                    plan, State(), Hooks())
+        state = fit_tiny(40, lambda s: s % 20 == 0, Watching())
     finally:
         dgrun.train.measure = measure
         for name, original in patched.items():
@@ -196,35 +207,9 @@ def test_the_profiler_sees_no_scalar_reads_that_grow_with_the_steps():
     none of them (a per-step .item() or `if loss.isnan()` would add 20)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dgrun.data.bundle import Split
-    from dgrun.losses import LOSSES
-    from dgrun.train import Plan, State, fit
-
-    class Hooks:
-        def on_step(self, state):
-            pass
-        def on_eval(self, state, row):
-            pass
-        def save(self, state, reason):
-            pass
-        def stop_requested(self):
-            return None
-
     def scalar_reads(steps: int) -> int:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
-                                    torch.nn.Linear(16, 3))
-        split = Split(torch.randn(256, 8), torch.randint(3, (256,)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        loss, eval_loss = LOSSES.build("cross_entropy")
-        plan = Plan(seed=0, batch_size=32, steps_per_epoch=8, max_steps=steps,
-                    max_time_s=None, is_eval_step=lambda s: s == steps,
-                    is_checkpoint_step=lambda s: False, stop_at_interpolation=False,
-                    grad_clip=1.0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fit(model, split, split, opt, sched, lambda o, y, r: loss(o, y), eval_loss, plan,
-                State(), Hooks())
+            fit_tiny(steps, lambda s: s == steps, QuietHooks())
         return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
 
     assert scalar_reads(20) == scalar_reads(40)
