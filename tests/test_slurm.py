@@ -219,7 +219,7 @@ def test_dgrun_slurm_task_signalled_near_its_time_limit_requeues_and_resumes(swe
     assert summary["status"] == "completed" and summary["resumed_at_steps"] == [stopped["steps"]]
     assert comparable(run_dir) == comparable(reference)
     log = (sweep / "slurm" / f"{task}.out").read_text()
-    assert "requeueing" in log and f"resuming {run_dir} from step {stopped['steps']}" in log
+    assert "requeueing" in log and f"{run_dir}: resuming from step {stopped['steps']}" in log
     print(f"requeued within {delay:.1f} s of USR2; resumed run done "
           f"{time.monotonic() - signalled:.1f} s after the signal")
 
