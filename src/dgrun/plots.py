@@ -117,9 +117,14 @@ def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[in
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a per-run figure (closed: a sweep in one process draws
+    hundreds)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

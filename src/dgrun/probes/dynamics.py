@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from dgrun.errors import UserError
-from dgrun.plots import looks_log_spaced, plt, series
+from dgrun.plots import looks_log_spaced, plt, save_figure, series
 from dgrun.probes import PROBES
 from dgrun.probes.base import Evaluation, Probe
 
@@ -192,11 +192,7 @@ class DynamicsProbe(Probe):
             if log_x:
                 ax.set_xscale("log")
         norm_ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "dynamics.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out_dir / "dynamics.png")]
 
     def state_dict(self) -> dict:
         if self.theta0 is None:

@@ -102,7 +102,7 @@ class RobustnessProbe(Probe):
         return [] if step is None else [(int(step), "best corruption acc")]
 
     def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
-        from dgrun.plots import plt
+        from dgrun.plots import plt, save_figure
 
         measured = [r for r in rows if number(r.get("corruption_acc")) is not None
                     or number(r.get("adv_acc")) is not None]
@@ -122,11 +122,7 @@ class RobustnessProbe(Probe):
         ax.set_title("robustness (grey: each corruption)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "robustness.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return [path]
+        return [save_figure(fig, out_dir / "robustness.png")]
 
     def state_dict(self) -> dict:
         return {"evaluations": self.evaluations}
