@@ -66,6 +66,10 @@ def main() -> int:
     p.add_argument("--cases", help="comma-separated case names (default: all)")
     p.add_argument("--out")
     args = p.parse_args()
+    chosen = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        p.error(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_cifar10(tmp / "data", args.cifar_samples, 0)
@@ -73,7 +77,6 @@ def main() -> int:
         print("| case | step MACs | threads=1 | threads=" + args.threads
               + " | threads=auto (chose) |")
         print("|---|---:|---:|---:|---:|")
-        chosen = args.cases.split(",") if args.cases else list(CASES)
         for case in chosen:
             template = CASES[case]
             overrides = [o.replace("{data}", str(tmp / "data")) for o in template]
