@@ -9,7 +9,6 @@ loop ends when every member has. The rules are those of dgrun.train.fit, in the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -20,8 +19,8 @@ from dgrun.objectives import ERM
 from dgrun.probes.base import Evaluation
 from dgrun.seeding import derive_seed
 from dgrun.stacked import Stack, draw_masks
-from dgrun.status import COMPLETED, DIVERGED, PREEMPTED, STOPPED
-from dgrun.stopping import interpolates, stalled
+from dgrun.status import COMPLETED, PREEMPTED, STOPPED
+from dgrun.stopping import judge
 from dgrun.train import Plan, State, Clock, epoch_order, measure
 
 
@@ -203,26 +202,12 @@ def fit(stack: Stack, parts: Parts, members: list, guard, start: int) -> None:
         if plan.is_eval_step(step) or last:
             rows, bad, saved = evaluate(active), nonfinite.tolist(), set()
             for k, row in rows.items():
-                state = members[k].state
-                if bad[k] or not all(math.isfinite(v) for key, v in row.items()
-                                     if key in ("train_loss", "test_loss")):
-                    end(k, DIVERGED, "non-finite loss")
-                    continue
-                if not state.interpolation["reached"] and interpolates(
-                        row, plan.interpolation_threshold, plan.interpolation_loss):
-                    state.interpolation = {
-                        "reached": True, "step": step, "epoch": step / spe,
-                        "time_s": state.train_time_s,
-                        **{key: v for key, v in row.items()
-                           if key not in ("step", "epoch", "time_s")}}
-                    if plan.stop_at_interpolation:
-                        end(k, COMPLETED, "interpolation")
-                        continue
+                verdict = judge(members[k].state, row, plan, bad[k])
+                if verdict.reached:
                     save(k, "interpolation")
                     saved.add(k)
-                if stalled(state.rows, plan.stall_patience, plan.stall_min_delta) or (
-                        plan.min_lr is not None and row["lr"] < plan.min_lr):
-                    end(k, STOPPED, "stalled")
+                if verdict.ending:
+                    end(k, *verdict.ending)
             # One member's checkpoint is everyone's: the members that train always share
             # their newest checkpoint step, which is what a re-run resumes them from.
             for k in sorted(active - saved) if saved else ():

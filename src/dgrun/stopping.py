@@ -7,7 +7,10 @@ written its summary yet.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
+
+from dgrun.status import COMPLETED, DIVERGED, STOPPED
 
 
 def interpolates(row: dict, threshold: float = 1.0, loss: Optional[float] = None) -> bool:
@@ -41,3 +44,30 @@ def stalled(rows: Sequence[dict], patience: Optional[int], min_delta: float = 0.
 
 def _finite(value, default: float) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else default
+
+
+@dataclass
+class Verdict:
+    ending: Optional[tuple[str, str]] = None  # (status, stop_reason) when the run ends here
+    reached: bool = False  # the threshold was first crossed here and the run goes on
+
+
+def judge(state, row: dict, plan, nonfinite: bool) -> Verdict:
+    """What an evaluation means for a run (a train.State, its newest metrics `row`, a
+    train.Plan): diverged, fitted (stopping there or going on), stalled, or nothing new.
+    The first row that fits is recorded as `state.interpolation`. Shared by the single-run
+    loop and the ensemble's, so both end runs by the same rules."""
+    if nonfinite or not all(math.isfinite(v) for k, v in row.items()
+                            if k in ("train_loss", "test_loss")):
+        return Verdict((DIVERGED, "non-finite loss"))
+    reached = False
+    if not state.interpolation["reached"] and interpolates(
+            row, plan.interpolation_threshold, plan.interpolation_loss):
+        state.interpolation = {"reached": True, **row}  # step, epoch, time_s, then metrics
+        if plan.stop_at_interpolation:
+            return Verdict((COMPLETED, "interpolation"))
+        reached = True
+    if stalled(state.rows, plan.stall_patience, plan.stall_min_delta) or (
+            plan.min_lr is not None and row["lr"] < plan.min_lr):
+        return Verdict((STOPPED, "stalled"), reached)
+    return Verdict(None, reached)

@@ -11,7 +11,6 @@ forces a host sync between evaluations (the non-finite-loss flag accumulates as 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -23,8 +22,8 @@ from dgrun.data.bundle import Split, identity
 from dgrun.losses import LossFn
 from dgrun.probes.base import Evaluation, Probe
 from dgrun.seeding import derive_seed
-from dgrun.status import COMPLETED, DIVERGED, PREEMPTED, STOPPED
-from dgrun.stopping import interpolates, stalled
+from dgrun.status import COMPLETED, PREEMPTED, STOPPED
+from dgrun.stopping import judge
 
 Augment = Callable[[torch.Tensor, int], torch.Tensor]
 # objective(outputs, labels, rows) -> scalar loss; rows index the batch into the training split
@@ -195,22 +194,11 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
 
         last = plan.max_steps is not None and state.step >= plan.max_steps
         if plan.is_eval_step(state.step) or last:
-            row = record()
-            if bool(nonfinite) or not all(math.isfinite(v) for k, v in row.items()
-                                          if k in ("train_loss", "test_loss")):
-                return finish(DIVERGED, "non-finite loss")
-            if not state.interpolation["reached"] and interpolates(
-                    row, plan.interpolation_threshold, plan.interpolation_loss):
-                state.interpolation = {
-                    "reached": True, "step": state.step, "epoch": state.step / spe,
-                    "time_s": state.train_time_s,
-                    **{k: v for k, v in row.items() if k not in ("step", "epoch", "time_s")}}
-                if plan.stop_at_interpolation:
-                    return finish(COMPLETED, "interpolation")
+            verdict = judge(state, record(), plan, bool(nonfinite))
+            if verdict.reached:
                 hooks.save(state, "interpolation")
-            if stalled(state.rows, plan.stall_patience, plan.stall_min_delta) or (
-                    plan.min_lr is not None and row["lr"] < plan.min_lr):
-                return finish(STOPPED, "stalled")
+            if verdict.ending:
+                return finish(*verdict.ending)
             clock.start()
         if last:
             return finish(COMPLETED, plan.max_steps_reason)
