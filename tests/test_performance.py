@@ -24,6 +24,93 @@ def test_auto_threads_gives_small_models_one_and_shares_the_rest(monkeypatch):
     assert runtime.auto_threads(3e10, parallel_jobs=64) == 1
 
 
+IDLE = runtime.MachineLoad(average=0.1, pressure=0.0)
+
+
+def no_trial(n):
+    raise AssertionError("no trial should run here")
+
+
+@pytest.mark.parametrize("macs, cpus, jobs, load, trial, expected, why", [
+    (5e6, 16, 1, IDLE, no_trial, 1, "small step"),                        # digits MLP
+    (3e10, 1, 1, IDLE, no_trial, 1, "1 CPU"),
+    (3e10, 16, 16, IDLE, no_trial, 1, "16 CPU(s) for 16 job(s)"),        # a wide local sweep
+    (3e10, 2, 1, runtime.MachineLoad(0.2, 45.0), no_trial, 1, "CPU pressure 45%"),
+    (3e10, 2, 1, runtime.MachineLoad(1.9, None), no_trial, 1, "load average 1.90"),
+    (3e10, 2, 1, runtime.MachineLoad(1.9, 5.0), no_trial, 1, "load average"),
+    (3e10, 2, 1, IDLE, lambda n: (1.0, 0.6), 2, "1.67x"),                # idle, a real gain
+    (3e10, 2, 1, IDLE, lambda n: (1.0, 0.95), 1, "under 1.15x"),         # no gain worth it
+    (3e10, 2, 1, IDLE, None, 2, "2 free CPUs"),
+])
+def test_auto_threads_choice_under_each_condition(macs, cpus, jobs, load, trial, expected, why):
+    threads, reason = runtime.choose_threads(macs, cpus=cpus, parallel_jobs=jobs, load=load,
+                                             trial=trial)
+    assert threads == expected and why in reason
+
+
+def test_auto_threads_on_a_half_busy_machine_tries_only_the_free_cpus():
+    asked = []
+
+    def trial(n):
+        asked.append(n)
+        return 1.0, 0.2
+
+    load = runtime.MachineLoad(average=4.2, pressure=3.0)  # 4 of 16 CPUs taken by others
+    assert runtime.choose_threads(3e10, cpus=16, load=load, trial=trial)[0] == 12
+    assert asked == [12]
+    assert runtime.choose_threads(3e10, cpus=16, parallel_jobs=4, load=load, trial=trial)[0] == 4
+
+
+def test_machine_load_reads_pressure_and_load_average():
+    load = runtime.machine_load()
+    assert load.average >= 0
+    assert load.pressure is None or 0 <= load.pressure <= 100
+
+
+def test_the_thread_trial_times_one_and_n_threads_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(64, 2))
+    batch = torch.randn(16, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    one, many = runtime.step_trial(model, batch)(2)
+    assert one > 0 and many > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state()) and torch.get_num_threads() == threads
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(run_dir):
+    import json
+
+    train_here(run_dir, "trainer.max_steps=12", "trainer.max_epochs=null")  # threads=auto
+    summary = read_summary(run_dir)
+    assert summary["threads"] == 1 and "small step" in summary["threads_why"]
+    # As if it had started on a free machine with 2 threads for a large step:
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "threads": 2}))
+    train_here(run_dir, "trainer.max_steps=24", "trainer.max_epochs=null")  # continues
+    summary = read_summary(run_dir)
+    assert summary["steps"] == 24 and summary["threads"] == 2
+    assert summary["threads_why"] == "the count this run started with"
+
+
+def test_dgrun_makes_idle_openmp_threads_sleep():
+    import subprocess
+    import sys
+
+    code = "import os, dgrun, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert out.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a value the user exported wins
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert out.strip() == "ACTIVE"
+
+
 def test_step_macs_counts_linear_and_conv_work():
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
                               torch.nn.Linear(512, 10))

@@ -176,8 +176,11 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     if cfg.threads == "auto" and device.type == "cpu":  # the whole stack's step counts
         x = members[0].bundle.train.x[:1]
         batch = members[0].bundle.prepare(x.expand(parts.plan.batch_size, *x.shape[1:]))
-        macs = runtime.step_macs(stack.views[0], batch) * len(members)
-        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
+        resumed = [m.decision.summary for m in members if m.decision.payload is not None]
+        threads, why = runtime.resolve_auto_threads(
+            stack.views[0], batch, parallel_jobs=parallel_jobs, members=len(members),
+            recorded=(resumed[0] or {}).get("threads") if resumed else None)
+        log.info("threads=auto: %d, from %s", threads, why)
     restore(stack, parts, members)
     meta, plan = members[0].bundle.meta, parts.plan
     log.info("%s | %s (%d params) x %d: seeds %d..%d | %s p=%s | %d train / %d test | %s | "

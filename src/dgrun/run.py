@@ -137,7 +137,8 @@ def restore(parts: Parts, payload: dict) -> State:
     return state
 
 
-def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, Any]:
+def describe(cfg: RunConfig, bundle: Bundle, device: torch.device,
+             threads_why: Optional[str] = None) -> dict[str, Any]:
     """What the run applied, as summary.json records it (a report labels runs by this)."""
     corrupted = int(bundle.train.corrupted.sum())
     return {
@@ -150,6 +151,7 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, 
         "input_shape": list(bundle.meta.input_shape),
         "train_size": len(bundle.train), "test_size": len(bundle.test),
         "device": str(device), "threads": torch.get_num_threads(),
+        **({"threads_why": threads_why} if threads_why else {}),
     }
 
 
@@ -189,12 +191,16 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
                                job_num=job_num)
     seed_everything(cfg.seed)
     parts = build(cfg, device)
+    threads_why = None
     if auto and device.type == "cpu":
         batch = parts.bundle.train.x[:1].expand(parts.plan.batch_size,
                                                 *parts.bundle.train.x.shape[1:])
-        macs = runtime.step_macs(parts.model, parts.bundle.prepare(batch))
-        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
-    facts = Facts(described=describe(cfg, parts.bundle, device),
+        recorded = (decision.summary or {}).get("threads") if decision.payload else None
+        threads, threads_why = runtime.resolve_auto_threads(
+            parts.model, parts.bundle.prepare(batch), parallel_jobs=parallel_jobs,
+            recorded=recorded)
+        log.info("threads=auto: %d, from %s", threads, threads_why)
+    facts = Facts(described=describe(cfg, parts.bundle, device, threads_why),
                   params=models.count_params(parts.model), config=config, overrides=overrides,
                   train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size)
     state = State()

@@ -6,10 +6,13 @@ current CUDA device) would otherwise carry into the next one.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -45,10 +48,114 @@ def available_cpus() -> int:
 
 
 def auto_threads(step_macs: float, parallel_jobs: int = 1) -> int:
-    """`threads=auto`: this job's share of the CPUs, or 1 for a model too small to gain."""
+    """The count `threads=auto` starts from: this job's share of the CPUs, or 1 for a model
+    too small to gain. choose_threads then checks it against the machine's load."""
     if step_macs < SMALL_STEP_MACS:
         return 1
     return max(1, available_cpus() // max(1, parallel_jobs))
+
+
+# A machine is too busy for more threads when tasks waited for a CPU this share of the last
+# 10 s (/proc/pressure/cpu "some avg10", in percent): every extra thread then queues behind
+# other processes, and a parallel region waits for its slowest thread. On the busy 2-core
+# machine of benchmarks/README.md it read 60-100 while the load average was 3-9.
+BUSY_PRESSURE = 20.0
+# A trial's N threads must beat 1 thread by this factor to be kept: below it the gain is within
+# a busy machine's noise, and 1 thread is the choice that never hurts.
+TRIAL_GAIN = 1.15
+
+
+@dataclass
+class MachineLoad:
+    """What the machine is doing besides this run, read once at its start."""
+    average: float                 # 1-minute load average (runnable + waiting tasks)
+    pressure: Optional[float]      # /proc/pressure/cpu some avg10 (%), None where unavailable
+
+
+def machine_load() -> MachineLoad:
+    pressure = None
+    try:  # "some avg10=1.23 avg60=... total=..." (Linux >= 4.20 with PSI)
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        pressure = float(first.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return MachineLoad(average, pressure)
+
+
+def choose_threads(step_macs: float, *, cpus: int, parallel_jobs: int = 1,
+                   load: Optional[MachineLoad] = None,
+                   trial: Optional[Callable[[int], tuple[float, float]]] = None
+                   ) -> tuple[int, str]:
+    """`threads=auto` for one run: (count, why). Never more than 1 thread unless the step is
+    big enough to gain, the CPUs are free, and a timed trial shows the gain.
+
+    trial(n) -> (seconds a step took with 1 thread, with n threads), run only when n > 1.
+    """
+    share = max(1, cpus // max(1, parallel_jobs))
+    if share == 1:
+        return 1, f"{cpus} CPU(s) for {parallel_jobs} job(s)"
+    if step_macs < SMALL_STEP_MACS:
+        return 1, f"a small step ({step_macs / 1e6:.3g}M multiply-adds)"
+    if load is not None:
+        if load.pressure is not None and load.pressure >= BUSY_PRESSURE:
+            return 1, f"a busy machine (CPU pressure {load.pressure:.0f}%)"
+        free = cpus - load.average  # other processes' runnable tasks take their CPUs
+        if math.floor(free + 0.5) < share:
+            share = max(1, math.floor(free + 0.5))
+            if share == 1:
+                return 1, f"a busy machine (load average {load.average:.2f} on {cpus} CPUs)"
+    if trial is not None:
+        one, many = trial(share)
+        if many * TRIAL_GAIN > one:
+            return 1, (f"a trial: {share} threads {one / max(many, 1e-12):.2f}x the speed of 1 "
+                       f"(under {TRIAL_GAIN}x)")
+        return share, f"a trial: {share} threads {one / max(many, 1e-12):.2f}x the speed of 1"
+    return share, f"{share} free CPUs"
+
+
+def time_step(step: Callable[[], None], threads: int, repeats: int = 2) -> float:
+    """Seconds one call of `step` takes with `threads` threads: the best of `repeats` after a
+    warm-up call (the first call pays allocation and kernel selection)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        step()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    finally:
+        torch.set_num_threads(before)
+
+
+def step_trial(model: nn.Module, batch: torch.Tensor) -> Callable[[int], tuple[float, float]]:
+    """trial(n) for choose_threads: a forward and backward pass of `batch` through a copy of
+    the model (the run's own model, optimizer and random streams are left untouched), timed
+    with 1 thread and with n."""
+    def step(scratch=copy.deepcopy(model).train()) -> None:
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the run's generator
+            scratch(batch).float().sum().backward()
+        scratch.zero_grad(set_to_none=True)
+
+    return lambda n: (time_step(step, 1), time_step(step, n))
+
+
+def resolve_auto_threads(model: nn.Module, batch: torch.Tensor, *, parallel_jobs: int = 1,
+                         recorded: Optional[int] = None, members: int = 1) -> tuple[int, str]:
+    """`threads=auto` for a run on the CPU, set and returned as (count, why). A resumed run
+    keeps the count it started with (`recorded`, from its summary.json): thread counts can
+    change the float rounding of a step, and a resume must replay the run exactly."""
+    if recorded is not None:
+        torch.set_num_threads(int(recorded))
+        return int(recorded), "the count this run started with"
+    macs = step_macs(model, batch) * members
+    threads, why = choose_threads(macs, cpus=available_cpus(), parallel_jobs=parallel_jobs,
+                                  load=machine_load(), trial=step_trial(model, batch))
+    torch.set_num_threads(threads)
+    return threads, why
 
 
 def start_threads(setting, parallel_jobs: int = 1) -> Optional[int]:
