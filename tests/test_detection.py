@@ -12,7 +12,7 @@ from torch import nn
 
 from dgrun.data.bundle import Meta, Split
 from dgrun.errors import UserError
-from dgrun.plots import divergence_step, draw_marks, looks_log_spaced, plot_run, plt
+from dgrun.plots import divergence_step, draw_marks, looks_log_spaced, plot_run, pyplot
 from dgrun.probes import PROBES, Evaluation, build
 from dgrun.probes.dynamics import scale_invariant_weights
 from dgrun.probes.transitions import curve, detect
@@ -349,6 +349,7 @@ def test_plot_run_marks_on_both_figures_and_diverged_rows(tmp_path, monkeypatch)
 
 
 def test_marks_have_distinct_colours_and_log_spacing_is_recognised():
+    plt = pyplot()
     fig, ax = plt.subplots()
     draw_marks(ax, [(s, f"m{s}") for s in range(1, 11)])
     styles = {(line.get_color(), line.get_linestyle()) for line in ax.lines}

@@ -319,3 +319,14 @@ def test_an_ensemble_chooses_its_threads_too(tmp_path):
     for k in range(2):
         summary = read_summary(tmp_path / "ens" / f"member_{k}")
         assert summary["status"] == "completed" and summary["threads"] == 1
+
+
+def test_a_run_imports_matplotlib_only_when_it_draws():
+    import subprocess
+    import sys
+
+    code = ("import sys; import dgrun.run, dgrun.probes, dgrun.record; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

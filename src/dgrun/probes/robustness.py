@@ -102,14 +102,14 @@ class RobustnessProbe(Probe):
         return [] if step is None else [(int(step), "best corruption acc")]
 
     def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
-        from dgrun.plots import plt, save_figure
+        from dgrun.plots import SINGLE_PANEL, pyplot, save_figure
 
         measured = [r for r in rows if number(r.get("corruption_acc")) is not None
                     or number(r.get("adv_acc")) is not None]
         if not measured:
             return []
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = pyplot().subplots(figsize=(6, 4), dpi=120)
         per_name = sorted({k for r in measured for k in r if k.startswith("corruption_acc_")})
         for key in per_name:
             _line(ax, measured, key, None, color="0.75", linewidth=0.7)
@@ -122,7 +122,7 @@ class RobustnessProbe(Probe):
         ax.set_title("robustness (grey: each corruption)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        return [save_figure(fig, out_dir / "robustness.png")]
+        return [save_figure(fig, out_dir / "robustness.png", margins=SINGLE_PANEL)]
 
     def state_dict(self) -> dict:
         return {"evaluations": self.evaluations}
