@@ -330,3 +330,97 @@ def test_a_run_imports_matplotlib_only_when_it_draws():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("name, options, classes", [
+    ("cross_entropy", {}, 10), ("cross_entropy", {"label_smoothing": 0.1}, 10),
+    ("mse", {}, 97), ("hinge", {}, 2), ("hinge", {}, 10)])
+def test_erm_takes_the_losss_own_mean_with_the_per_example_gradients(name, options, classes):
+    """The one-call mean reduction is cheaper, and leaves every weight update bit for bit as
+    the per-example mean made it (so runs record the same numbers as before)."""
+    from dgrun.losses import LOSSES
+    from dgrun.objectives import OBJECTIVES
+
+    loss, _ = LOSSES.build(name, **options)
+    calls = []
+
+    def mean_loss(out, y):
+        calls.append(1)
+        return loss(out, y)
+
+    erm = OBJECTIVES.build("erm", train=None, num_groups=1, mean_loss=mean_loss,
+                           per_example_loss=lambda out, y: loss(out, y, reduction="none"))
+    gen = torch.Generator().manual_seed(0)
+    for batch in (7, 32, 128):
+        out = torch.randn(batch, classes, generator=gen, requires_grad=True)
+        y = torch.randint(classes, (batch,), generator=gen)
+        fast, = torch.autograd.grad(erm(out, y, None), out)
+        slow, = torch.autograd.grad(loss(out, y, reduction="none").mean(), out)
+        assert torch.equal(fast, slow)
+    assert len(calls) == 3
+
+
+def test_a_constant_schedule_skips_its_work_and_keeps_lambdalrs_record():
+    from dgrun import optim
+
+    model = torch.nn.Linear(3, 2)
+    _, fixed = optim.build(model, "sgd", {"lr": 0.1}, "constant", {}, steps_per_epoch=4,
+                           total_steps=100)
+    _, warm = optim.build(model, "sgd", {"lr": 0.1}, "constant", {"warmup_steps": 5},
+                          steps_per_epoch=4, total_steps=100)
+    assert type(fixed) is optim.ConstantLR and type(warm) is torch.optim.lr_scheduler.LambdaLR
+    reference = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1),
+                                                  lambda step: 1.0)
+    for _ in range(7):
+        fixed.optimizer.step()
+        fixed.step()
+        reference.optimizer.step()
+        reference.step()
+    assert fixed.state_dict()["last_epoch"] == reference.state_dict()["last_epoch"] == 7
+    assert fixed.get_last_lr() == reference.get_last_lr() == [0.1]
+
+
+def test_the_step_seed_is_set_only_while_a_step_draws_random_numbers(monkeypatch):
+    """A model without dropout needs no per-step seed after the first step shows it draws
+    nothing; one with dropout is seeded every step, as before."""
+    from dgrun import seeding, train
+    from dgrun.data.bundle import Split
+
+    seeded = []
+
+    class Counting(seeding.SeedStream):
+        def __call__(self, i):
+            seeded.append(i)
+            return super().__call__(i)
+
+    monkeypatch.setattr(train, "SeedStream", Counting)
+    gen = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(64, 8, generator=gen), torch.randint(2, (64,), generator=gen))
+
+    class Hooks:
+        def on_step(self, state): pass
+        def on_eval(self, state, row): pass
+        def save(self, state, reason): pass
+        def stop_requested(self): return None
+
+    for dropout, expected in ((0.0, [0]), (0.5, list(range(10)))):
+        seeded.clear()
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(dropout),
+                                    torch.nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        plan = train.Plan(seed=0, batch_size=16, steps_per_epoch=4, max_steps=10,
+                          max_time_s=None, is_eval_step=lambda s: False,
+                          is_checkpoint_step=lambda s: False, stop_at_interpolation=False)
+        f = torch.nn.functional.cross_entropy
+        train.fit(model, data, data, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                  lambda out, y, rows: f(out, y), lambda out, y: f(out, y, reduction="sum"),
+                  plan, train.State(), Hooks())
+        assert seeded == expected
+
+
+def test_seed_stream_gives_derive_seeds_numbers():
+    from dgrun.seeding import SeedStream, derive_seed
+
+    stream = SeedStream(7, "stream")
+    assert [stream(i) for i in (0, 1, 99, 10**9)] == [derive_seed(7, "stream", i)
+                                                      for i in (0, 1, 99, 10**9)]

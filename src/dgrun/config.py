@@ -318,7 +318,8 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     model = _component("model", raw["model"], MODELS)
     probes = _probes(raw.get("probes") or {})
     objective = _component("objective", raw.get("objective") or {"name": "erm"}, OBJECTIVES,
-                           reserved=frozenset({"train", "num_groups", "per_example_loss"}))
+                           reserved=frozenset({"train", "num_groups", "per_example_loss",
+                                               "mean_loss"}))
     logger = _trackers(raw.get("logger") or {})
     optimizer = _component("optimizer", raw["optimizer"], OPTIMIZERS)
     scheduler = _component("scheduler", raw["scheduler"], SCHEDULERS)

@@ -22,6 +22,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @LOSSES.register("cross_entropy")
 def cross_entropy(*, label_smoothing: float = 0.0) -> tuple[LossFn, LossFn]:
     def loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if reduction == "mean" and label_smoothing:  # the per-example mean's gradients, bit
+            return loss(out, y, "none").mean()        # for bit (torch's own mean differs)
         return F.cross_entropy(out, y, label_smoothing=label_smoothing, reduction=reduction)
 
     return loss, lambda out, y: F.cross_entropy(out, y, reduction="sum")
@@ -58,6 +60,8 @@ def hinge(*, label_smoothing: float = 0.0) -> tuple[LossFn, LossFn]:
                         "loss", "set trainer.label_smoothing=0")
 
     def train(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if reduction == "mean":  # scaled per row, then averaged: the gradients of the
+            return train(out, y, "none").mean()  # per-example mean, bit for bit
         return F.multi_margin_loss(out, y, reduction=reduction) * out.shape[-1]
 
     def eval_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,24 @@ def _warm(schedule: Schedule, warmup_steps: int) -> Schedule:
     return lambda step: schedule(step) * min(1.0, (step + 1) / warmup_steps)
 
 
+def _unit(step: int) -> float:
+    return 1.0
+
+
 @SCHEDULERS.register("constant")
 def constant(*, steps_per_epoch: int, total_steps: int | None, warmup_steps: int = 0) -> Schedule:
-    return _warm(lambda step: 1.0, warmup_steps)
+    return _warm(_unit, warmup_steps)
+
+
+class ConstantLR(torch.optim.lr_scheduler.LambdaLR):
+    """A schedule whose factor is always 1: LambdaLR's record (last_epoch, state_dict, so
+    checkpoints and resume are unchanged) without recomputing the same lr every step."""
+
+    def step(self, epoch=None) -> None:
+        if not hasattr(self, "_last_lr"):  # the constructor's first step sets the lr
+            return super().step(epoch)
+        self.last_epoch += 1
+        self._step_count += 1
 
 
 @SCHEDULERS.register("exponential")
@@ -109,4 +124,5 @@ def build(model: torch.nn.Module, optimizer: str, optimizer_options: dict, sched
     opt = OPTIMIZERS.build(optimizer, model.parameters(), **optimizer_options)
     factor = SCHEDULERS.build(scheduler, steps_per_epoch=steps_per_epoch,
                               total_steps=total_steps, **scheduler_options)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    schedule = ConstantLR if factor is _unit else torch.optim.lr_scheduler.LambdaLR
+    return opt, schedule(opt, factor)

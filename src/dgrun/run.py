@@ -109,7 +109,8 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
     loss, eval_loss = LOSSES.build(cfg.trainer.loss, label_smoothing=cfg.trainer.label_smoothing)
     objective = OBJECTIVES.build(
         cfg.objective.name, train=bundle.train, num_groups=len(meta.extra.get("groups", [0])),
-        per_example_loss=lambda out, y: loss(out, y, reduction="none"), **cfg.objective.options)
+        per_example_loss=lambda out, y: loss(out, y, reduction="none"), mean_loss=loss,
+        **cfg.objective.options)
     specs = {p.name: p.options for p in cfg.probes}
     if cfg.trainer.track_examples:
         specs.setdefault("examples", {})

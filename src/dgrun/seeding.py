@@ -19,6 +19,20 @@ def derive_seed(seed: int, *names: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+class SeedStream:
+    """derive_seed(seed, *names, i) for i = 0, 1, 2, ...: the same numbers, from a hash of the
+    common prefix made once (a per-step seed costs ~1 us rather than ~3)."""
+
+    def __init__(self, seed: int, *names: object):
+        text = "/".join(str(p) for p in (seed, *names)) + "/"
+        self._prefix = hashlib.blake2b(text.encode(), digest_size=8)
+
+    def __call__(self, i: int) -> int:
+        h = self._prefix.copy()
+        h.update(str(i).encode())
+        return int.from_bytes(h.digest(), "little") >> 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
