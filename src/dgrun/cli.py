@@ -37,9 +37,10 @@ def fail(problem: str, fix: str = "") -> None:
     sys.exit(EXIT_USAGE)
 
 
-def _validate_command_line(args) -> None:
+def _validate_command_line(args):
     """Compose and validate every job this command line would run, before Hydra starts any,
-    and check that the run (or sweep) directory can be made."""
+    and check that the run (or sweep) directory can be made. Returns the composed config of
+    the command (one run: the very config that run gets)."""
     global _existing_ancestor
     from omegaconf import OmegaConf
 
@@ -49,7 +50,9 @@ def _validate_command_line(args) -> None:
         fail(f"--config-dir {os.path.abspath(args.config_dir)} does not exist",
              "pass an existing directory")
     try:
-        _, master = expand(list(args.overrides), multirun=bool(args.multirun),
+        # One run gets hydra.mode=RUN as hydra.main gives it (its record lists the override).
+        mode = [] if args.multirun else ["hydra.mode=RUN"]
+        _, master = expand(list(args.overrides) + mode, multirun=bool(args.multirun),
                            config_dir_extra=args.config_dir,
                            config_name=args.config_name or "config", limit=MAX_PREVALIDATED)
     except UserError as e:
@@ -58,7 +61,7 @@ def _validate_command_line(args) -> None:
     try:
         target = Path(os.path.abspath(str(OmegaConf.select(master, key))))
     except Exception:  # an interpolation only Hydra's job context can resolve
-        return
+        return master
     _existing_ancestor = next(p for p in (target, *target.parents) if p.exists())
     if not _existing_ancestor.is_dir():
         fail(f"cannot make {key}={target}: {_existing_ancestor} is a file",
@@ -68,6 +71,7 @@ def _validate_command_line(args) -> None:
             os.rmdir(tempfile.mkdtemp(dir=_existing_ancestor, prefix=".dgrun-check-"))
         except OSError as e:
             fail(f"cannot make {key}={target}: {e.strerror}", f"choose a writable {key}")
+    return master
 
 
 # ---------------------------------------------------------------- the training task
@@ -263,10 +267,19 @@ def _main(argv: Optional[list[str]]) -> None:
     if modes > 1:
         fail("only one of --run, --multirun, --cfg, --info and --shell-completion can be given",
              "drop -m to show the config of one job (dgrun --cfg job ...)")
-    if not showing:
-        _validate_command_line(args)
-    sys.argv = [sys.argv[0]] + argv
-    _hydra_main(conf)()
+    if showing:
+        sys.argv = [sys.argv[0]] + argv
+        _hydra_main(conf)()
+        return
+    master = _validate_command_line(args)
+    if args.multirun or args.config_path or args.experimental_rerun:
+        sys.argv = [sys.argv[0]] + argv
+        _hydra_main(conf)()
+    else:  # one run: on the config just composed and checked, not composed twice more
+        from dgrun.compose import run_composed
+
+        run_composed(master, train_task, config_dir_extra=args.config_dir,
+                     config_name=args.config_name or "config")
 
 
 if __name__ == "__main__":
