@@ -1,16 +1,23 @@
 """CPU threads vs training speed, through the `dgrun` command: the measurement behind
-`threads=auto` (dgrun.runtime.SMALL_STEP_MACS).
+`threads=auto` (dgrun.runtime.choose_threads).
 
     python benchmarks/threads.py --repeat 2 --out benchmarks/results.jsonl
+    python benchmarks/threads.py --busy --active --cases "digits mlp3,cifar mlp1"
 
 For each case (a model on data of some size) it runs `dgrun` with threads=1, threads=2 (or
 --threads) and threads=auto, interleaved, and reads summary.json: training samples per second
-(evaluation excluded) and the thread count `auto` chose. The multiply-adds of one training
-step's forward pass are printed beside each case.
+(evaluation excluded), the process's wall time and the thread count `auto` chose (and why).
+The multiply-adds of one training step's forward pass are printed beside each case.
+
+--busy measures each case a second time on a busy machine: one process per CPU spinning in a
+Python loop for the whole measurement (a shared workstation, a login node). --active adds
+threads=N with OMP_WAIT_POLICY=ACTIVE, OpenMP's spinning wait (dgrun sets PASSIVE): what
+threads=N cost before dgrun chose the wait policy.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -18,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +43,12 @@ CASES = {  # name -> overrides (CIFAR cases read the fake data written to {data}
 }
 
 
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def step_macs(overrides: list[str]) -> float:
     import torch
 
@@ -48,14 +62,34 @@ def step_macs(overrides: list[str]) -> float:
                                                 *meta.input_shape))
 
 
-def run(overrides: list[str], threads: str, tmp: Path) -> dict:
+def run(overrides: list[str], setting: str, tmp: Path) -> dict:
+    """One `dgrun` process; setting is a thread count, "auto", or "N active"."""
     run_dir = Path(tempfile.mkdtemp(dir=tmp))
+    threads, _, active = setting.partition(" ")
+    env = {**os.environ, **({"OMP_WAIT_POLICY": "ACTIVE"} if active else {})}
+    start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dgrun.cli", *overrides, f"threads={threads}",
                     "trainer.stop_at_interpolation=false", "quiet=true", "trainer.progress=none",
-                    f"hydra.run.dir={run_dir}"], check=True, capture_output=True)
+                    f"hydra.run.dir={run_dir}"], check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - start
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"samples_per_s": summary["throughput"]["train_samples_per_s"],
-            "threads_used": summary["threads"]}
+    return {"samples_per_s": summary["throughput"]["train_samples_per_s"], "wall_s": wall,
+            "threads_used": summary["threads"], "threads_why": summary.get("threads_why")}
+
+
+class Busy:
+    """One process per CPU spinning in a Python loop, for as long as the block lasts."""
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(os.cpu_count() or 1)]
+        time.sleep(2)  # let the load show in /proc/pressure/cpu
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> int:
@@ -64,6 +98,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--cifar-samples", type=int, default=10_000)
     p.add_argument("--cases", help="comma-separated case names (default: all)")
+    p.add_argument("--busy", action="store_true", help="also measure on a busy machine")
+    p.add_argument("--active", action="store_true",
+                   help="also threads=N with OpenMP's spinning wait (OMP_WAIT_POLICY=ACTIVE)")
     p.add_argument("--out")
     args = p.parse_args()
     chosen = args.cases.split(",") if args.cases else list(CASES)
@@ -73,32 +110,42 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_cifar10(tmp / "data", args.cifar_samples, 0)
-        print(f"{cpu_model()} ({os.cpu_count()} cpus), load {os.getloadavg()[0]:.2f}")
-        print("| case | step MACs | threads=1 | threads=" + args.threads
-              + " | threads=auto (chose) |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"{cpu_model()} ({os.cpu_count()} cpus), torch {torch_version()}, load "
+              f"{os.getloadavg()[0]:.2f}")
+        settings = ["1", args.threads, "auto"] + ([f"{args.threads} active"] if args.active else [])
+        print("| case | step MACs | machine | " + " | ".join(
+            f"threads={s}" for s in settings) + " | auto chose | auto wall / threads=1 wall |")
+        print("|---|---:|---|" + "---:|" * len(settings) + "---|---:|")
         for case in chosen:
             template = CASES[case]
             overrides = [o.replace("{data}", str(tmp / "data")) for o in template]
             macs = step_macs(overrides)
-            results = {"1": [], args.threads: [], "auto": []}
-            chose = None
-            for _ in range(args.repeat):
-                for setting in results:
-                    out = run(overrides, setting, tmp)
-                    results[setting].append(out["samples_per_s"])
-                    chose = out["threads_used"] if setting == "auto" else chose
-                    if args.out:
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps({
-                                "benchmark": "threads", "case": case, "threads": setting,
-                                **out, "step_macs": macs, "cpu": cpu_model(),
-                                "loadavg_1m": os.getloadavg()[0],
-                                "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            }) + "\n")
-            median = {k: statistics.median(v) for k, v in results.items()}
-            print(f"| {case} | {macs / 1e9:.3g}G | {median['1']:,.0f} | "
-                  f"{median[args.threads]:,.0f} | {median['auto']:,.0f} ({chose}) |", flush=True)
+            for machine in ["as found", "busy"] if args.busy else ["as found"]:
+                with Busy() if machine == "busy" else contextlib.nullcontext():
+                    results = {s: [] for s in settings}
+                    loads = []
+                    for _ in range(args.repeat):
+                        for setting in settings:
+                            loads.append(os.getloadavg()[0])
+                            results[setting].append(out := run(overrides, setting, tmp))
+                            if args.out:
+                                with open(args.out, "a") as f:
+                                    f.write(json.dumps({
+                                        "benchmark": "threads", "case": case, "machine": machine,
+                                        "threads": setting, **out, "step_macs": macs,
+                                        "cpu": cpu_model(), "cpus": os.cpu_count(),
+                                        "torch": torch_version(), "loadavg_1m": loads[-1],
+                                        "date": datetime.datetime.now().isoformat(
+                                            timespec="seconds"),
+                                    }) + "\n")
+                median = {k: statistics.median(r["samples_per_s"] for r in v)
+                          for k, v in results.items()}
+                wall = {k: statistics.median(r["wall_s"] for r in v) for k, v in results.items()}
+                chose = results["auto"][-1]
+                print(f"| {case} | {macs / 1e9:.3g}G | {machine} (load {min(loads):.1f}-"
+                      f"{max(loads):.1f}) | " + " | ".join(f"{median[s]:,.0f}" for s in settings)
+                      + f" | {chose['threads_used']} ({chose['threads_why']}) | "
+                      f"{wall['auto'] / wall['1']:.2f}x |", flush=True)
     return 0
 
 

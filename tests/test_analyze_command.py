@@ -38,8 +38,11 @@ def test_attribution_features_and_dynamics_write_their_tables_and_figures(noisy_
                         ("features", ["probe.csv", "linear_probe.png"]),
                         ("dynamics", ["curves.csv", "dynamics.png"]),
                         ("robustness", ["corruptions.csv", "robustness.png"])):
+        # Small options: the files and their plumbing are under test here, not the methods
+        # (tests/test_analysis.py checks those); the defaults took ~200 s on 2 busy cores.
         options = {"attribution": ["num_test=3", "top_k=3", "methods=[trak,knn]",
-                                   "num_checkpoints=2"],
+                                   "num_checkpoints=2", "proj_dim=32", "batch_size=512"],
+                   "features": ["num_checkpoints=2", "num_train=300", "num_test=300"],
                    "robustness": ["n=64", "n_adv=16", "severities=[1,5]"]}.get(what, [])
         assert cli_here(capsys, "analyze", str(noisy_run), what, *options)[0] == 0
         for name in files:
