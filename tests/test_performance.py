@@ -38,9 +38,10 @@ def no_trial(n):
     (3e10, 2, 1, runtime.MachineLoad(0.2, 45.0), no_trial, 1, "CPU pressure 45%"),
     (3e10, 2, 1, runtime.MachineLoad(1.9, None), no_trial, 1, "load average 1.90"),
     (3e10, 2, 1, runtime.MachineLoad(1.9, 5.0), no_trial, 1, "load average"),
-    (3e10, 2, 1, IDLE, lambda n: (1.0, 0.6), 2, "1.67x"),                # idle, a real gain
-    (3e10, 2, 1, IDLE, lambda n: (1.0, 0.95), 1, "under 1.15x"),         # no gain worth it
-    (3e10, 2, 1, IDLE, None, 2, "2 free CPUs"),
+    (5e7, 2, 1, IDLE, lambda n: (1.0, 0.6), 2, "1.67x"),                 # idle, a real gain
+    (5e7, 2, 1, IDLE, lambda n: (1.0, 0.95), 1, "under 1.15x"),          # no gain worth it
+    (5e7, 2, 1, IDLE, None, 2, "2 free CPUs"),
+    (3e10, 2, 1, IDLE, no_trial, 2, "2 free CPUs"),                      # too big to try
 ])
 def test_auto_threads_choice_under_each_condition(macs, cpus, jobs, load, trial, expected, why):
     threads, reason = runtime.choose_threads(macs, cpus=cpus, parallel_jobs=jobs, load=load,
@@ -56,9 +57,9 @@ def test_auto_threads_on_a_half_busy_machine_tries_only_the_free_cpus():
         return 1.0, 0.2
 
     load = runtime.MachineLoad(average=4.2, pressure=3.0)  # 4 of 16 CPUs taken by others
-    assert runtime.choose_threads(3e10, cpus=16, load=load, trial=trial)[0] == 12
+    assert runtime.choose_threads(5e7, cpus=16, load=load, trial=trial)[0] == 12
     assert asked == [12]
-    assert runtime.choose_threads(3e10, cpus=16, parallel_jobs=4, load=load, trial=trial)[0] == 4
+    assert runtime.choose_threads(5e7, cpus=16, parallel_jobs=4, load=load, trial=trial)[0] == 4
 
 
 def test_machine_load_reads_pressure_and_load_average():
