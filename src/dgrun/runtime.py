@@ -26,8 +26,8 @@ INITIAL_THREADS = torch.get_num_threads()
 # Below this much work per training step (multiply-accumulates of the Linear and Conv layers,
 # forward pass, whole batch), a second thread costs about what it saves: benchmarks/threads.py
 # on an idle 2-core machine measured the digits MLP (5M) no faster with 2 threads, while
-# steps of 39M-155M already ran 1.3-1.6x faster. On a busy machine extra threads are much
-# slower at any size (threads=1 there). See benchmarks/README.md.
+# steps of 39M-155M already ran 1.3-1.6x faster. On a busy machine choose_threads takes 1
+# whatever the size. See benchmarks/README.md.
 SMALL_STEP_MACS = 2e7
 
 
@@ -58,7 +58,7 @@ def auto_threads(step_macs: float, parallel_jobs: int = 1) -> int:
 # A machine is too busy for more threads when tasks waited for a CPU this share of the last
 # 10 s (/proc/pressure/cpu "some avg10", in percent): every extra thread then queues behind
 # other processes, and a parallel region waits for its slowest thread. On the busy 2-core
-# machine of benchmarks/README.md it read 60-100 while the load average was 3-9.
+# machine of benchmarks/README.md it read 65-99 while the load average was 5-9.
 BUSY_PRESSURE = 20.0
 # A trial's N threads must beat 1 thread by this factor to be kept: below it the gain is within
 # a busy machine's noise, and 1 thread is the choice that never hurts.
