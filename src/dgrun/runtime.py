@@ -138,12 +138,17 @@ def step_trial(model: nn.Module, batch: torch.Tensor) -> Callable[[int], tuple[f
     """trial(n) for choose_threads: a forward and backward pass of `batch` through a copy of
     the model (the run's own model, optimizer and random streams are left untouched), timed
     with 1 thread and with n."""
-    def step(scratch=copy.deepcopy(model).train()) -> None:
-        with torch.random.fork_rng(devices=[]):  # dropout draws from the run's generator
-            scratch(batch).float().sum().backward()
-        scratch.zero_grad(set_to_none=True)
+    def trial(n: int) -> tuple[float, float]:
+        scratch = copy.deepcopy(model).train()  # only when a trial runs: a large model's copy
 
-    return lambda n: (time_step(step, 1), time_step(step, n))
+        def step() -> None:
+            with torch.random.fork_rng(devices=[]):  # dropout draws from the run's generator
+                scratch(batch).float().sum().backward()
+            scratch.zero_grad(set_to_none=True)
+
+        return time_step(step, 1), time_step(step, n)
+
+    return trial
 
 
 def resolve_auto_threads(model: nn.Module, batch: torch.Tensor, *, parallel_jobs: int = 1,
