@@ -62,11 +62,10 @@ def explain(error: BaseException, base_cfg=None) -> tuple[str, str]:
 def _main_hydra(config_dir_extra: Optional[str]):
     """A Hydra instance with the search path hydra.main gives dgrun's command (the package's
     conf/, and --config-dir ahead of the structured schemas)."""
+    from hydra import version
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
-
-    from hydra import version
 
     from dgrun.config import config_dir, register_schemas
 
