@@ -31,7 +31,12 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(N, 1000), torch.nn.ReLU(),
                             torch.nn.Linear(1000, 2))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
-hinge_sum = lambda out, y: torch.nn.functional.multi_margin_loss(out, y, reduction="sum") * 2  # noqa
+
+
+def hinge_sum(out, y):
+    return torch.nn.functional.multi_margin_loss(out, y, reduction="sum") * 2
+
+
 rows, train_time = [], 0.0
 
 
