@@ -101,7 +101,7 @@ def test_dgrun_makes_idle_openmp_threads_sleep():
     import subprocess
     import sys
 
-    code = "import os, dgrun, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    code = "import os, dgrun; print(os.environ['OMP_WAIT_POLICY'])"  # set before torch loads
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True).stdout

@@ -146,7 +146,7 @@ def step_trial(model: nn.Module, batch: torch.Tensor) -> Callable[[int], tuple[f
                 scratch(batch).float().sum().backward()
             scratch.zero_grad(set_to_none=True)
 
-        return time_step(step, 1), time_step(step, n)
+        return time_step(step, 1), time_step(step, n)  # 1 first: see start_threads
 
     return trial
 
@@ -167,10 +167,14 @@ def resolve_auto_threads(model: nn.Module, batch: torch.Tensor, *, parallel_jobs
 
 
 def start_threads(setting, parallel_jobs: int = 1) -> Optional[int]:
-    """The thread count to load data with: `auto` starts with this job's share of the CPUs
-    (and may drop to 1 once the model is known: auto_threads); N is N; None is torch's own."""
+    """The thread count to load data with: `auto` starts with 1 (resolve_auto_threads raises it
+    once the model is known and the CPUs are free); N is N; None is torch's own.
+
+    Not the CPUs' share: a thread pool started at 2 threads and then set to 1 ran a 1-thread
+    step 1.0-2.2x slower than one started at 1 on a busy 2-core machine (5 of 6 paired runs),
+    and a busy machine is where `auto` ends at 1."""
     if setting == "auto":
-        return max(1, available_cpus() // max(1, parallel_jobs))
+        return 1
     return setting
 
 
