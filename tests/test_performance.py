@@ -62,6 +62,12 @@ def test_auto_threads_on_a_half_busy_machine_tries_only_the_free_cpus():
     assert runtime.choose_threads(5e7, cpus=16, parallel_jobs=4, load=load, trial=trial)[0] == 4
 
 
+def test_auto_loads_data_with_one_thread_and_raises_it_only_to_keep_it():
+    # A pool started at N threads and set to 1 ran 1-thread steps up to 2x slower.
+    assert runtime.start_threads("auto", 1) == 1
+    assert runtime.start_threads(3) == 3 and runtime.start_threads(None) is None
+
+
 def test_machine_load_reads_pressure_and_load_average():
     load = runtime.machine_load()
     assert load.average >= 0
