@@ -14,7 +14,6 @@ outside the constant term.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,39 +31,9 @@ from dgrun.errors import UserError
 
 # --- Fourier view ----------------------------------------------------------------------------
 
-def fourier_basis(p: int) -> tuple[Tensor, list[int]]:
-    """(rows, p) orthonormal real Fourier basis of Z_p and each row's frequency (0 = const).
-    For even p, sin(pi x) vanishes and is left out."""
-    x = torch.arange(p, dtype=torch.float64)
-    rows, freqs = [torch.ones(p, dtype=torch.float64)], [0]
-    for k in range(1, p // 2 + 1):
-        for f in (torch.cos, torch.sin):
-            v = f(2 * math.pi * k * x / p)
-            if v.norm() > 1e-6:
-                rows.append(v)
-                freqs.append(k)
-    basis = torch.stack(rows)
-    return basis / basis.norm(dim=1, keepdim=True), freqs
-
-
-def frequency_norms(embedding: Tensor) -> Tensor:
-    """(p//2,) norm of a (p, d) embedding's component at each frequency k = 1..p//2."""
-    p = embedding.shape[0]
-    basis, freqs = fourier_basis(p)
-    coeff = basis @ embedding.detach().double().cpu()          # (rows, d)
-    power = coeff.pow(2).sum(1)
-    by_freq = torch.zeros(p // 2 + 1, dtype=torch.float64)
-    by_freq.index_add_(0, torch.tensor(freqs), power)
-    return by_freq[1:].sqrt()
-
-
-def key_frequencies(norms: Tensor, energy: float = 0.9) -> list[int]:
-    """The fewest frequencies (1-based) holding `energy` of the total squared norm."""
-    power = norms.double().pow(2)
-    order = power.argsort(descending=True)
-    cum = power[order].cumsum(0) / power.sum().clamp_min(1e-30)
-    count = int((cum < energy).sum()) + 1
-    return sorted((order[:count] + 1).tolist())
+# The basis, per-frequency norms and key frequencies are shared with the modular_progress probe.
+from dgrun.probes.fourier import (fourier_basis, frequency_norms,  # noqa: E402,F401
+                                  key_frequencies)
 
 
 def embedding_of(model: nn.Module, p: int) -> Tensor:
