@@ -172,3 +172,34 @@ def test_phases_from_synthetic_curves():
     flat = detect_phases(rows_of(excluded_loss=[4.0, 1.0, 0.5, 0.4, 0.4],
                                  restricted_loss=[4.6] * 5, test_loss=[9.0] * 5))
     assert flat["circuit_formation_step"] is None and flat["cleanup_step"] is None
+
+
+def test_the_progress_analysis_uses_the_last_checkpoints_frequencies(tmp_path):
+    from dgrun.analysis import RunArtifacts, analyze
+
+    bundle = modular(p=P, train_fraction=0.3)
+    model = TrigAlgorithm(P, KEYS)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    # The algorithm growing in: embedding scaled by 0 (constant logits), 1/2, then 1.
+    checkpoints = [(step, {**trained, "token_embedding.weight":
+                           trained["token_embedding.weight"] * scale})
+                   for step, scale in ((0, 0.0), (100, 0.5), (200, 1.0))]
+    run = RunArtifacts(bundle=bundle, model=model, checkpoints=checkpoints,
+                       summary={"config": {"trainer": {"loss": "cross_entropy"}}})
+    written = analyze("progress", run, tmp_path)
+    assert {p.name for p in written} >= {"progress.csv", "summary.json",
+                                         "progress_measures.png"}
+    import json
+    import pandas as pd
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["key_frequencies"] == KEYS and summary["key_frequencies_from_step"] == 200
+    table = pd.read_csv(tmp_path / "progress.csv")
+    assert list(table["num_key_frequencies"]) == [0, 5, 5]
+    restricted = list(table["restricted_loss"])
+    assert restricted[0] == pytest.approx(math.log(P), rel=1e-4)
+    assert restricted[0] > restricted[1] > restricted[2]
+    assert list(table["restricted_loss"]) == pytest.approx(list(table["test_loss"]), rel=1e-4)
+    assert list(table["excluded_loss"]) == pytest.approx([math.log(P)] * 3, rel=1e-4)
+    with pytest.raises(UserError, match="dataset.operation=add or sub"):
+        analyze("progress", RunArtifacts(bundle=modular(p=P, operation="mul"), model=model,
+                                         checkpoints=checkpoints), tmp_path)

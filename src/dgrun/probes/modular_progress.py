@@ -62,8 +62,8 @@ from dgrun.probes.base import Evaluation, Probe
 from dgrun.probes.fourier import (OPERATION_SIGNS, frequency_norms, gini, key_component,
                                   key_frequencies, logit_spectrum)
 
-COLUMNS = ("restricted_loss", "excluded_loss", "num_key_frequencies", "fourier_gini",
-           "sum_sq_weights")
+PHASE_LABELS = (("circuit_formation_step", "circuit formation starts"),
+                ("cleanup_step", "cleanup starts"), ("cleanup_end_step", "cleanup ends"))
 
 
 # --- the embedding a model gives its operands ------------------------------------------------
@@ -235,9 +235,7 @@ class ModularProgressProbe(Probe):
 
     def marks(self, summary: dict) -> list[tuple[int, str]]:
         found = summary.get(self.KEY) or {}
-        labels = (("circuit_formation_step", "circuit formation starts"),
-                  ("cleanup_step", "cleanup starts"), ("cleanup_end_step", "cleanup ends"))
-        return [(found[k], label) for k, label in labels if found.get(k) is not None]
+        return [(found[k], label) for k, label in PHASE_LABELS if found.get(k) is not None]
 
     def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
         from dgrun.probes.progress_figures import plot_progress

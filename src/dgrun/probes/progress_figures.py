@@ -53,7 +53,8 @@ def plot_panels(rows: list[dict], panels: Sequence[tuple[str, Sequence[tuple[str
     return [save_figure(fig, path)]
 
 
-def plot_progress(rows: list[dict], marks: Sequence[Mark], out_dir: Path) -> list[Path]:
+def plot_progress(rows: list[dict], marks: Sequence[Mark], out_dir: Path,
+                  title: str = "Progress measures (Nanda et al. 2023)") -> list[Path]:
     """plots/progress_measures.png: the four losses, then Fourier sparsity and weights."""
     return plot_panels(rows, [
         ("loss", [("train_loss", "train"), ("test_loss", "test"),
@@ -62,5 +63,4 @@ def plot_progress(rows: list[dict], marks: Sequence[Mark], out_dir: Path) -> lis
         ("key frequencies", [("num_key_frequencies", "# key frequencies (logits)")], False),
         ("Gini", [("fourier_gini", "Gini of the embedding's Fourier norms")], False),
         ("sum of squared weights", [("sum_sq_weights", "sum of squared weights")], False),
-    ], marks, Path(out_dir) / "progress_measures.png",
-        "Progress measures (Nanda et al. 2023)")
+    ], marks, Path(out_dir) / "progress_measures.png", title)
