@@ -36,4 +36,4 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int,
 
 # Importing the modules registers their probes.
 from dgrun.probes import (dfr, dynamics, examples, groups, grokking,  # noqa: E402,F401
-                          modular_progress, robustness, transitions)
+                          modular_progress, robustness, sharpness, transitions)
