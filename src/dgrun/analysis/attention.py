@@ -27,6 +27,7 @@ from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kep
 from dgrun.analysis.figures import mark_steps, plt, save
 from dgrun.analysis.dynamics import marks_from_summary
 from dgrun.errors import UserError
+from dgrun.probes.attention_heads import last_position_statistics
 
 
 # --- Fourier view ----------------------------------------------------------------------------
@@ -98,9 +99,7 @@ def attention_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoin
             att = load(model, state).attention_maps(x).float().cpu()  # (L, B, H, T, T)
             mean = att.mean(1)
             maps.append(mean.numpy())
-            last = att[..., -1, :]                                     # (L, B, H, T)
-            entropy = -(last * last.clamp_min(1e-12).log()).sum(-1).mean(1)  # (L, H)
-            weight = last.mean(1)                                      # (L, H, T)
+            entropy, weight = last_position_statistics(att)           # (L, H), (L, H, T)
             for layer in range(att.shape[0]):
                 for head in range(att.shape[2]):
                     rows.append({"step": step, "layer": layer, "head": head,
@@ -141,7 +140,32 @@ def plot_attention(result: Result, out_dir) -> list:
         paths.append(save(fig, out_dir, "attention_maps"))
     if "frequencies" in result.tables:
         paths += _plot_fourier(result, out_dir)
+    if "heads" in result.tables:
+        paths += _plot_head_evolution(result.tables["heads"], out_dir)
     return paths
+
+
+def _plot_head_evolution(heads: pd.DataFrame, out_dir) -> list:
+    """attention_heads.png: per head, the last position's entropy and its share on each
+    position over the checkpoints (the attention_heads probe's columns, from checkpoints)."""
+    keys = sorted((c for c in heads.columns if c.startswith("key_")), key=lambda c: int(c[4:]))
+    fig, axes = plt.subplots(1 + len(keys), 1, figsize=(6.5, 2.4 * (1 + len(keys)) + 0.5),
+                             sharex=True, squeeze=False)
+    for (layer, head), rows in heads.groupby(["layer", "head"]):
+        label = f"layer {layer} head {head}"
+        axes[0, 0].plot(rows["step"], rows["last_entropy"], "o-", ms=3, label=label)
+        for ax, key in zip(axes[1:, 0], keys):
+            ax.plot(rows["step"], rows[key], "o-", ms=3, label=label)
+    axes[0, 0].set_ylabel("entropy (nats)")
+    for ax, key in zip(axes[1:, 0], keys):
+        ax.set_ylabel(f"share on position {key[4:]}")
+        ax.set_ylim(-0.02, 1.02)
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_title("Last position's attention per head over checkpoints")
+    axes[-1, 0].set_xlabel("checkpoint step")
+    return [save(fig, out_dir, "attention_heads")]
 
 
 def _plot_fourier(result: Result, out_dir) -> list:

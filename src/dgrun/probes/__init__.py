@@ -35,5 +35,6 @@ def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int,
     return probes
 
 # Importing the modules registers their probes.
-from dgrun.probes import (dfr, dynamics, examples, groups, grokking,  # noqa: E402,F401
-                          modular_progress, robustness, sharpness, transitions)
+from dgrun.probes import (attention_heads, dfr, dynamics, examples,  # noqa: E402,F401
+                          groups, grokking, modular_progress, parity_progress, robustness,
+                          sharpness, transitions)
