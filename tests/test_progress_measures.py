@@ -203,3 +203,40 @@ def test_the_progress_analysis_uses_the_last_checkpoints_frequencies(tmp_path):
     with pytest.raises(UserError, match="dataset.operation=add or sub"):
         analyze("progress", RunArtifacts(bundle=modular(p=P, operation="mul"), model=model,
                                          checkpoints=checkpoints), tmp_path)
+
+
+def test_the_grokking_preset_writes_the_measures_and_report_draws_them(tmp_path, capsys):
+    from conftest import cli_here, read_metrics, read_summary, train_here
+
+    run_dir = tmp_path / "sweep" / "0"
+    train_here(run_dir, "phenomenon=grokking", "trainer.max_steps=60", "threads=1",
+               "trainer.eval_schedule=linear", "trainer.eval_every=10", "trainer.unit=step",
+               "+probes.sharpness={every: 10, sample: 256}")
+    rows = read_metrics(run_dir)
+    for column in ("restricted_loss", "excluded_loss", "fourier_gini", "sum_sq_weights",
+                   "num_key_frequencies", "sharpness"):
+        assert column in rows[0], column
+    # mse on untrained logits: both start near the loss of the model itself
+    assert float(rows[0]["excluded_loss"]) == pytest.approx(float(rows[0]["train_loss"]),
+                                                            rel=0.05)
+    summary = read_summary(run_dir)
+    assert summary["modular_progress"]["operation"] == "add"
+    assert "phases" in summary["modular_progress"]
+    assert summary["sharpness"]["final"] > 0
+    assert (run_dir / "plots" / "progress_measures.png").exists()
+    assert (run_dir / "plots" / "sharpness.png").exists()
+    code, out, err = cli_here(capsys, "report", str(tmp_path / "sweep"), "--curve",
+                              "restricted_loss")
+    assert code == 0, err
+    assert (tmp_path / "sweep" / "report" / "restricted_loss_curves.png").exists()
+
+
+@pytest.mark.slow
+def test_the_default_grokking_run_shows_the_three_phases_in_order(run_dir):
+    from conftest import read_summary, train_here
+
+    train_here(run_dir, "phenomenon=grokking", "threads=1")
+    found = read_summary(run_dir)["modular_progress"]
+    assert found["circuit_formation_step"] < found["cleanup_step"] < found["cleanup_end_step"]
+    assert found["circuit_formation_step"] > read_summary(run_dir)["grokking"][
+        "memorization_step"]
