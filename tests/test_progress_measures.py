@@ -162,16 +162,21 @@ def test_phases_from_synthetic_curves():
     restricted = [4.6, 4.6, 4.6, 4.6, 4.0, 3.0, 2.0, 1.0, 0.1]
     test = [4.6, 8.0, 9.0, 9.0, 9.0, 8.5, 8.5, 3.0, 0.1]
     found = detect_phases(rows_of(excluded_loss=excluded, restricted_loss=restricted,
-                                  test_loss=test))
-    assert found["circuit_formation_step"] == 300  # excluded loss's minimum before it rises
+                                  test_loss=test), chance=4.6)
+    # excluded loss's minimum (0.1 at 300) before it climbs 10% of the way back to chance
+    assert found["circuit_formation_step"] == 300
     assert found["cleanup_step"] == 600            # restricted <= half its value at 300
     assert found["cleanup_end_step"] == 700        # test loss <= half its value at 600
     assert found["phases"] == {"memorization": [0, 300], "circuit_formation": [300, 600],
                                "cleanup": [600, 700]}
     # A run that only memorizes: excluded loss never rises, no phase boundary is claimed.
     flat = detect_phases(rows_of(excluded_loss=[4.0, 1.0, 0.5, 0.4, 0.4],
-                                 restricted_loss=[4.6] * 5, test_loss=[9.0] * 5))
+                                 restricted_loss=[4.6] * 5, test_loss=[9.0] * 5), chance=4.6)
     assert flat["circuit_formation_step"] is None and flat["cleanup_step"] is None
+    # Float noise on a memorized loss is not a rise: 1e-6 -> 3e-6 is 3x, but nowhere near chance.
+    noisy = detect_phases(rows_of(excluded_loss=[4.0, 1e-6, 3e-6, 1e-6, 2e-6],
+                                  restricted_loss=[4.6] * 5, test_loss=[9.0] * 5), chance=4.6)
+    assert noisy["circuit_formation_step"] is None
 
 
 def test_the_progress_analysis_uses_the_last_checkpoints_frequencies(tmp_path):

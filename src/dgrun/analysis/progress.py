@@ -22,8 +22,9 @@ from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kep
 from dgrun.errors import UserError
 from dgrun.losses import LOSSES
 from dgrun.probes.fourier import OPERATION_SIGNS
-from dgrun.probes.modular_progress import (all_pairs, detect_phases, embedding_measures,
-                                           logit_key_frequencies, progress_measures)
+from dgrun.probes.modular_progress import (all_pairs, chance_loss, detect_phases,
+                                           embedding_measures, logit_key_frequencies,
+                                           progress_measures)
 
 
 def progress_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], *, p: int,
@@ -67,7 +68,8 @@ def progress_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint
                "key_frequencies_from_step": checkpoints[-1][0], "min_share": min_share,
                "embedding_frequencies": embedded["embedding_frequencies"],
                "checkpoint_steps": [s for s, _ in checkpoints],
-               **detect_phases(rows)}
+               "chance_loss": chance_loss(eval_sum, p),
+               **detect_phases(rows, chance_loss(eval_sum, p))}
     return Result({"progress": frame}, summary)
 
 

@@ -39,7 +39,9 @@ fourier_gini and sum_sq_weights and says so in summary.json.
 Phases (summary.json `modular_progress.phases`, marked on the plots), from the columns:
     memorization       [0, circuit_formation_step)
     circuit formation  starts where excluded_loss starts rising: the step of its running
-                       minimum when it first exceeds that minimum `rise` times
+                       minimum when it first climbs `rise` (0.1) of the way from that minimum
+                       back to chance (the loss of all-zero logits: log p for cross-entropy,
+                       1 for MSE), so float noise on a memorized ~1e-6 loss does not count
     cleanup            starts where restricted_loss falls: the first step after that where it
                        is at most `fall` times its value at the start of circuit formation;
                        ends (cleanup_end_step) where test_loss falls: the first step after
@@ -143,7 +145,13 @@ def _curve(rows: list[dict], column: str) -> list[tuple[int, float]]:
     return out
 
 
-def detect_phases(rows: list[dict], rise: float = 2.0, fall: float = 0.5) -> dict:
+def chance_loss(eval_sum, p: int) -> float:
+    """The loss of all-zero logits on one row (log p for cross-entropy, 1 for MSE)."""
+    return float(eval_sum(torch.zeros(1, p), torch.zeros(1, dtype=torch.int64)))
+
+
+def detect_phases(rows: list[dict], chance: float, rise: float = 0.1,
+                  fall: float = 0.5) -> dict:
     """Nanda's three phase boundaries from the excluded, restricted and test loss columns
     (definitions in the module docstring); each None when not reached."""
     found = {"circuit_formation_step": None, "cleanup_step": None, "cleanup_end_step": None}
@@ -151,7 +159,7 @@ def detect_phases(rows: list[dict], rise: float = 2.0, fall: float = 0.5) -> dic
     for step, value in _curve(rows, "excluded_loss"):
         if low is None or value < low[1]:
             low = (step, value)
-        elif value >= rise * low[1] and value > low[1]:
+        elif chance > low[1] and value >= low[1] + rise * (chance - low[1]):
             found["circuit_formation_step"] = low[0]
             break
     previous = "circuit_formation_step"
@@ -230,7 +238,9 @@ class ModularProgressProbe(Probe):
             out["note"] = (f"restricted and excluded losses need x + y or x - y (the Fourier "
                            f"algorithm is over addition mod p), not {self.operation}")
             return {self.KEY: out}
-        out.update(detect_phases(rows, self.rise, self.fall), rise=self.rise, fall=self.fall)
+        chance = chance_loss(self.eval_sum, self.p)
+        out.update(detect_phases(rows, chance, self.rise, self.fall), chance_loss=chance,
+                   rise=self.rise, fall=self.fall)
         return {self.KEY: out}
 
     def marks(self, summary: dict) -> list[tuple[int, str]]:
@@ -250,7 +260,7 @@ class ModularProgressProbe(Probe):
 
 @PROBES.register("modular_progress")
 def modular_progress(*, meta, seed, loss: str = "cross_entropy", min_share: float = 0.5,
-                     key_frequencies: Optional[list] = None, rise: float = 2.0,
+                     key_frequencies: Optional[list] = None, rise: float = 0.1,
                      fall: float = 0.5) -> ModularProgressProbe:
     """Restricted and excluded loss, key frequencies, Fourier Gini, phases (Nanda et al.)."""
     if meta.name != "modular":
@@ -267,9 +277,9 @@ def modular_progress(*, meta, seed, loss: str = "cross_entropy", min_share: floa
         raise UserError(f"probes.modular_progress.key_frequencies must be a list of integers "
                         f"in [1, {p // 2}], got {key_frequencies!r}",
                         "e.g. probes.modular_progress.key_frequencies=[14,35,41,42,52]")
-    if not (rise > 1 and 0 < fall < 1):
-        raise UserError("probes.modular_progress needs rise > 1 and 0 < fall < 1",
-                        "e.g. rise=2 fall=0.5")
+    if not (0 < rise < 1 and 0 < fall < 1):
+        raise UserError("probes.modular_progress needs 0 < rise < 1 and 0 < fall < 1",
+                        "e.g. probes.modular_progress.rise=0.1 probes.modular_progress.fall=0.5")
     eval_sum = LOSSES.build(loss)[1]
     return ModularProgressProbe(p, meta.vocab_size or p + 1, meta.extra["operation"], eval_sum,
                                 min_share=float(min_share),
