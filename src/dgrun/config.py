@@ -75,6 +75,13 @@ class CorruptionConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """`dataset.subset_fraction` / `dataset.subset_seed` (dgrun.data.subset)."""
+    fraction: Optional[float] = None     # null: the whole training split
+    seed: Optional[int] = None           # null: the run's seed (each ensemble member its own)
+
+
+@dataclass
 class RootSchema:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -126,6 +133,8 @@ def register_schemas() -> None:
 
 # Keys of the dataset section that the data pipeline consumes; the rest go to the loader.
 PIPELINE_KEYS = ("name", "preprocess", "center_crop", "augment")
+# ... and the subset keys, which conf/config.yaml gives every dataset (RunConfig.subset).
+SUBSET_KEYS = ("subset_fraction", "subset_seed")
 
 
 # Builder arguments that come from the data or the run, never from a config file.
@@ -156,15 +165,21 @@ class RunConfig:
     objective: Component
     logger: dict[str, dict[str, Any]]
     trainer: TrainerConfig
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
 
     @property
     def corruption_seed(self) -> int:
         return self.seed if self.corruption.seed is None else self.corruption.seed
 
+    @property
+    def subset_seed(self) -> int:
+        return self.seed if self.subset.seed is None else self.subset.seed
+
 
 # Value ranges, checked before anything is built. (low, high, low_inclusive, high_inclusive)
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "corruption.prob": (0.0, 1.0, True, True),
+    "dataset.subset_fraction": (0.0, 1.0, False, True),
     "optimizer.lr": (0.0, math.inf, False, False),
     "optimizer.weight_decay": (0.0, math.inf, True, False),
     "optimizer.momentum": (0.0, 1.0, True, False),
@@ -313,6 +328,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
 
     dataset_node = dict(raw["dataset"])
     pipeline = {k: dataset_node.get(k) for k in PIPELINE_KEYS if k != "name"}
+    subset = _subset(*(dataset_node.pop(k, None) for k in SUBSET_KEYS))
     dataset = _component("dataset", dataset_node, DATASETS, skip=PIPELINE_KEYS)
     validate_pipeline(**pipeline)
     model = _component("model", raw["model"], MODELS)
@@ -334,8 +350,21 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
         corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
         phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, objective=objective,
-        logger=logger, trainer=trainer,
+        logger=logger, trainer=trainer, subset=subset,
     )
+
+
+def _subset(fraction: Any, seed: Any) -> SubsetConfig:
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise UserError(f"dataset.subset_fraction={fraction!r} is not a number",
+                            "e.g. dataset.subset_fraction=0.5 (or null: the whole split)")
+        fraction = float(fraction)
+        _check_range("dataset.subset_fraction", fraction)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"dataset.subset_seed={seed!r} is not an integer",
+                        "e.g. dataset.subset_seed=0 (or null: the run's seed)")
+    return SubsetConfig(fraction, seed)
 
 
 def _trackers(node: Any) -> dict[str, dict[str, Any]]:

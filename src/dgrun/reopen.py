@@ -55,7 +55,9 @@ class ReopenedRun:
             self._bundle = pipeline.load(
                 cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
                 corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(self.device)
+                apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                ).to(self.device)
         return self._bundle
 
     def checkpoints(self) -> list[tuple[int, Path]]:
