@@ -3,6 +3,7 @@
     dgrun analyze outputs/2026-11-24/10-00-00 cartography
     dgrun analyze outputs/.../run attribution methods=[trak,knn] top_k=5
     dgrun analyze multirun/2026-11-24/10-00-00 dynamics      # every run of a sweep
+    dgrun analyze outputs/subsets memorization     # one analysis over a sweep's subset models
 
 Writes RUN_DIR/analysis/WHAT/: tables as CSV, figures as PNG, summary.json. Option values are
 read as YAML (lists, numbers, null). The run is rebuilt from what it recorded (dgrun.reopen):
@@ -51,6 +52,11 @@ def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> l
         raise UserError(f"analysis '{what}' has no option '{unknown[0]}'",
                         f"its options are: {', '.join(allowed) or 'none'}")
     written = []
+    if ANALYSES.tags(what).get("over") == "models":  # one analysis over all the runs found
+        from dgrun.analysis.subset_models import SubsetModels
+
+        models = SubsetModels.load(find_run_dirs(paths), device)
+        return analyze(what, models, paths[0] / "analysis" / what, **options)
     for run_dir in find_run_dirs(paths):
         run = reopen(run_dir, device)
         written += analyze(what, artifacts(run, device), run_dir / "analysis" / what, **options)
