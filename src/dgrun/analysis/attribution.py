@@ -57,7 +57,7 @@ class Attribution:
                  prepare: Callable[[Tensor], Tensor] = lambda t: t,
                  lrs: Optional[Mapping[int, float]] = None, proj_dim: Optional[int] = 512,
                  seed: int = 0, output: str = "margin", batch_size: int = 64,
-                 params: Optional[Sequence[str]] = None):
+                 params: Optional[Sequence[str]] = None, influence: Optional[dict] = None):
         require_checkpoints(checkpoints, "attribution")
         self.model, self.checkpoints = model, list(checkpoints)
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
@@ -65,6 +65,7 @@ class Attribution:
         self.proj_dim, self.seed, self.batch_size = proj_dim, seed, batch_size
         self.output = OUTPUTS.get(output)
         self.names = selected_parameters(model, params)
+        self.influence = dict(influence or {})  # the influence method's solver options
 
     @cached_property
     def gradients(self) -> list[CheckpointGradients]:
@@ -176,7 +177,8 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
               lrs: Optional[Mapping[int, float]] = None, test_indices: Optional[Tensor] = None,
               top_k: int = 10, proj_dim: Optional[int] = 512, seed: int = 0,
               output: str = "margin", batch_size: int = 64,
-              params: Optional[Sequence[str]] = None) -> Result:
+              params: Optional[Sequence[str]] = None, influence: Optional[dict] = None,
+              keep: Optional[dict] = None) -> Result:
     """Top-k influential training rows of each chosen test row, per method, and how many of
     them are corrupted.
 
@@ -184,6 +186,7 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
     `corrupted_in_top` (method, test_index, count), `agreement` (top-k overlap of methods).
     summary: per method the mean number of corrupted rows in a top-k and what chance gives
     (k times the corrupted fraction). arrays: `scores_<method>` (n_test, n_train).
+    `influence`: the influence method's solver options (dgrun.analysis.influence).
     """
     for name in methods:
         METHODS.get(name)
@@ -192,7 +195,9 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
     a = Attribution(model, checkpoints, train.x, train.y, test.x[test_index.to(dev)],
                     test.y[test_index.to(test.y.device)], prepare=prepare, lrs=lrs,
                     proj_dim=proj_dim, seed=seed, output=output, batch_size=batch_size,
-                    params=params)
+                    params=params, influence=influence)
+    if keep is not None:  # a caller that wants the computation's by-products (the solve)
+        keep["attribution"] = a
     corrupted = train.corrupted.cpu()
     k = min(top_k, len(train))
     tables, tops, arrays, summary = [], {}, {}, {}
