@@ -34,6 +34,7 @@ def least_squares(n: int = 60, d: int = 5, seed: int = 0):
 
 @pytest.mark.parametrize("solver, options, tol", [
     ("cg", {"iterations": 50, "tol": 1e-12}, 1e-5),
+    ("cg", {"iterations": 50, "tol": 1e-12, "hessian": "gauss_newton"}, 1e-5),
     ("lissa", {"depth": 3000, "lissa_batch_size": None}, 1e-4),
 ])
 def test_least_squares_influence_is_the_closed_form(float64, solver, options, tol):
@@ -79,6 +80,20 @@ def test_hessian_vector_products_match_the_explicit_hessian(float64):
     hessian = torch.autograd.functional.hessian(mean_loss, loss.theta)
     v = torch.randn(3, len(loss.theta))
     assert torch.allclose(loss.hvp(v), v @ hessian, atol=1e-10)
+    # Gauss-Newton: mean_i L''(f_i) grad f_i grad f_i^T, from explicit Jacobians.
+    gn = TrainingLoss(model, names, x, y, output=OUTPUTS.get("margin"), hessian="gauss_newton")
+    margin = OUTPUTS.get("margin").value
+
+    def margins(theta):
+        chunks = dict(zip(names, (c.view(params[n].shape) for n, c in
+                                  zip(names, theta.split([params[n].numel() for n in names])))))
+        return margin(torch.func.functional_call(model, chunks, (x,)), y)
+
+    jac = torch.autograd.functional.jacobian(margins, loss.theta)  # (rows, P)
+    p = torch.sigmoid(margins(loss.theta))
+    explicit = jac.T @ (jac * (p * (1 - p))[:, None]) / len(x)
+    assert torch.allclose(gn.hvp(v), v @ explicit, atol=1e-10)
+    assert torch.linalg.eigvalsh(explicit).min() > -1e-12 > torch.linalg.eigvalsh(hessian).min()
 
 
 def fit_logistic(x, y, weights, reg: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -308,14 +309,36 @@ def attribution_from_run(run: RunArtifacts, /, *, methods: Sequence[str] = ("tra
                          "grad_cosine", "knn"), num_checkpoints: int = 4, num_test: int = 32,
                          top_k: int = 10, proj_dim: Optional[int] = 512,
                          output: str = "margin", batch_size: int = 64,
-                         params: Optional[Sequence[str]] = None) -> Result:
+                         params: Optional[Sequence[str]] = None, lds: Optional[str] = None,
+                         models: Optional[str] = None) -> Result:
     """`num_checkpoints` evenly spaced over the run (the initialization skipped), a seeded
-    sample of `num_test` test rows."""
-    chosen = spread(run.checkpoints, num_checkpoints, skip_init=True)
-    require_checkpoints(chosen, "attribution")
+    sample of `num_test` test rows. `models=DIR`: instead, the last checkpoint of every run
+    in DIR (independently trained models of this run's kind: TRAK's recommended ensemble).
+    `lds=DIR`: each method's linear datamodeling score against the subset models in DIR
+    (dgrun.analysis.datamodels)."""
+    from dgrun.analysis import datamodels
+    from dgrun.analysis.subset_models import SubsetModels
+    from dgrun.report import find_run_dirs
+
     b = run.bundle
-    return attribute(run.model, chosen, b.train, b.test, prepare=b.prepare, methods=methods,
-                     lrs=lrs_at(run.rows, [s for s, _ in chosen]),
-                     test_indices=sample_indices(len(b.test), num_test, run.seed), top_k=top_k,
-                     proj_dim=proj_dim, seed=run.seed, output=output, batch_size=batch_size,
-                     params=params)
+    if lds is not None and b.subset is not None:
+        raise UserError("lds= scores an attribution over the whole training split, but this "
+                        "run trained on a subset of it", "analyse a run trained without "
+                        "dataset.subset_fraction")
+    subset_models = None if lds is None else SubsetModels.load(find_run_dirs([Path(lds)]))
+    if models is None:
+        chosen = spread(run.checkpoints, num_checkpoints, skip_init=True)
+        require_checkpoints(chosen, "attribution")
+        lrs = lrs_at(run.rows, [s for s, _ in chosen])
+    else:
+        chosen, lrs = datamodels.independent_checkpoints(find_run_dirs([Path(models)]),
+                                                         run.model)
+    test_indices = sample_indices(len(b.test), num_test, run.seed)
+    result = attribute(run.model, chosen, b.train, b.test, prepare=b.prepare, methods=methods,
+                       lrs=lrs, test_indices=test_indices, top_k=top_k, proj_dim=proj_dim,
+                       seed=run.seed, output=output, batch_size=batch_size, params=params)
+    if models is not None:
+        result.summary["checkpoints_from"] = {"dir": models, "models": len(chosen)}
+    if subset_models is not None:
+        datamodels.add_lds(result, test_indices, b.train.y, subset_models)
+    return result

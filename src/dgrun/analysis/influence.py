@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from dgrun.analysis.base import batched, model_device
 from dgrun.analysis.gradients import ModelOutput, Projector, projected_gradients
@@ -40,13 +40,24 @@ from dgrun.registry import Registry
 SOLVERS = Registry("inverse-HVP solver")
 
 
+HESSIANS = ("exact", "gauss_newton")
+
+
 class TrainingLoss:
     """The mean training loss of `model` over the parameters `names`, as a function of one
-    flat parameter vector, and its Hessian-vector products (several vectors at once)."""
+    flat parameter vector, and its Hessian-vector products (several vectors at once).
+
+    hessian="exact": the Hessian itself (indefinite away from a minimum: a network's needs
+    damping above its most negative eigenvalue). "gauss_newton": mean_i L''(f_i) grad f_i
+    grad f_i^T, positive semi-definite always, and equal to the Hessian when f is linear in
+    the parameters (least squares, logistic regression)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], x: Tensor, y: Tensor, *,
                  output: ModelOutput, prepare: Callable[[Tensor], Tensor] = lambda t: t,
-                 batch_size: int = 256):
+                 batch_size: int = 256, hessian: str = "exact"):
+        if hessian not in HESSIANS:
+            raise UserError(f"hessian={hessian!r} is not a Hessian", f"choose one of: "
+                            f"{', '.join(HESSIANS)}")
         model.eval()  # dropout off, batch norm on its running statistics
         self.device = model_device(model)
         named = dict(model.named_parameters())
@@ -58,18 +69,27 @@ class TrainingLoss:
         fixed.update(dict(model.named_buffers()))
         self.x, self.y, self.prepare, self.batch_size = x, y, prepare, batch_size
 
-        def batch_loss(theta: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        def outputs(theta: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
             params = dict(zip(self.names, (p.view(s) for p, s in
                                            zip(theta.split(self.sizes), self.shapes))))
-            logits = functional_call(model, {**params, **fixed}, (xb,))
-            return output.loss(output.value(logits, yb), yb).sum()
+            return output.value(functional_call(model, {**params, **fixed}, (xb,)), yb)
+
+        def batch_loss(theta: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+            return output.loss(outputs(theta, xb, yb), yb).sum()
 
         gradient = grad(batch_loss)
+        # d2L/df2 per row: L is a function of the scalar output f alone.
+        curvature = vmap(grad(grad(lambda f, y: output.loss(f[None], y[None]).sum())))
 
         def hvp(v: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
             return jvp(lambda t: gradient(t, xb, yb), (self.theta,), (v,))[1]
 
-        self._hvps = vmap(hvp, in_dims=(0, None, None))
+        def gnvp(v: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+            f, jv = jvp(lambda t: outputs(t, xb, yb), (self.theta,), (v,))
+            _, pull = vjp(lambda t: outputs(t, xb, yb), self.theta)
+            return pull(curvature(f.detach(), yb) * jv)[0]
+
+        self._hvps = vmap(hvp if hessian == "exact" else gnvp, in_dims=(0, None, None))
 
     @property
     def n(self) -> int:
@@ -177,7 +197,7 @@ def loss_gradients(model: nn.Module, x: Tensor, y: Tensor, *, output: ModelOutpu
 def influence_scores(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor,
                      y_test: Tensor, *, output: ModelOutput, names: Sequence[str],
                      prepare: Callable[[Tensor], Tensor] = lambda t: t, solver: str = "cg",
-                     damping: float = 0.01, batch_size: int = 64,
+                     damping: float = 0.01, hessian: str = "exact", batch_size: int = 64,
                      **solver_options) -> tuple[Tensor, Solved]:
     """(T, N) scores grad L(test)^T (H + damping I)^-1 grad L(train_i) at the model's
     current weights, and the solve's record."""
@@ -185,7 +205,7 @@ def influence_scores(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test:
         raise UserError(f"damping={damping} must be a non-negative number", "e.g. damping=0.01")
     solve = SOLVERS.get(solver)
     loss = TrainingLoss(model, names, x_train, y_train, output=output, prepare=prepare,
-                        batch_size=max(batch_size, 256))
+                        batch_size=max(batch_size, 256), hessian=hessian)
     v = loss_gradients(model, x_test, y_test, output=output, names=names, prepare=prepare,
                        batch_size=batch_size).to(loss.theta)
     solved = solve(loss, v, damping=damping, **solver_options)
@@ -206,19 +226,21 @@ from dgrun.analysis.base import (ANALYSES, Result, RunArtifacts, kept_weights, l
 
 @METHODS.register("influence")
 def influence_method(a: Attribution) -> Tensor:
-    """At the last checkpoint; options from `a.influence` (solver, damping, ...)."""
+    """At the last checkpoint; options from `a.influence` (solver, damping, ...; by default
+    conjugate gradients on the Gauss-Newton Hessian, damping 0.01)."""
     with kept_weights(a.model) as model:
         load(model, a.checkpoints[-1][1])
         scores, solved = influence_scores(model, a.x_train, a.y_train, a.x_test, a.y_test,
                                           output=a.output, names=a.names, prepare=a.prepare,
-                                          batch_size=a.batch_size, **a.influence)
+                                          batch_size=a.batch_size,
+                                          **{"hessian": "gauss_newton", **a.influence})
     a.solved = solved
     return scores
 
 
 @ANALYSES.register("influence", plot=plot_attribution)
 def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: float = 0.01,
-                       iterations: int = 100, tol: float = 1e-6, depth: int = 1000,
+                       hessian: str = "gauss_newton", iterations: int = 100, tol: float = 1e-6, depth: int = 1000,
                        scale: Optional[float] = None, lissa_batch_size: Optional[int] = 128,
                        repeats: int = 1, num_test: int = 32, top_k: int = 10,
                        output: str = "margin", batch_size: int = 64,
@@ -229,7 +251,8 @@ def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: flo
     SOLVERS.get(solver)
     last = [run.checkpoints[-1]]
     b = run.bundle
-    options = {"solver": solver, "damping": float(damping), "seed": run.seed}
+    options = {"solver": solver, "damping": float(damping), "hessian": hessian,
+               "seed": run.seed}
     options.update({"iterations": iterations, "tol": tol} if solver == "cg" else
                    {"depth": depth, "scale": scale, "lissa_batch_size": lissa_batch_size,
                     "repeats": repeats})
@@ -241,7 +264,11 @@ def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: flo
                        batch_size=batch_size, params=params, influence=options,
                        keep=kept)
     record = kept["attribution"].solved
-    result.summary.update(solver=solver, damping=float(damping), checkpoint_step=last[0][0],
-                          solver_iterations=record.iterations,
+    result.summary.update(solver=solver, damping=float(damping), hessian=hessian,
+                          checkpoint_step=last[0][0], solver_iterations=record.iterations,
                           relative_residual=record.relative_residual)
+    if record.relative_residual > 1e-2:
+        result.summary["note"] = (f"the solve left a relative residual of "
+                                  f"{record.relative_residual:.3g}: raise damping (or "
+                                  "iterations; hessian=gauss_newton is never indefinite)")
     return result
