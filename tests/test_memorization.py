@@ -89,6 +89,10 @@ def test_analyze_an_ensemble_of_subset_models(tmp_path, capsys):
     assert (out / "memorization_distribution.png").is_file() and (out / "most_memorized.png").is_file()
     assert len(pd.read_csv(out / "influence.csv")) == 2 * 359
     assert str(out) in out_text
+    # Its own output (analysis/, with a summary.json) is not taken for one more run.
+    code, _, err = cli_here(capsys, "analyze", str(ens), "memorization")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["num_models"] == 4
 
     # Subsets of different training sets (corruption drawn from each seed) are refused.
     other = tmp_path / "other"

@@ -62,8 +62,8 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
             if is_run_dir(here):
                 found[here.resolve()] = None
                 dirnames.clear()  # a run's checkpoints/ and plots/ hold no runs
-            else:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            else:  # analysis/: what `dgrun analyze` wrote over a sweep's runs, not a run
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "analysis"]
     if not found:
         raise UserError(f"no run directories under {', '.join(map(str, paths))}",
                         "a run directory holds .hydra/config.yaml, summary.json or metrics.csv")
