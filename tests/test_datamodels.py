@@ -101,5 +101,9 @@ def test_influence_analysis_from_a_run(runs, capsys):
                             "num_test=2", "depth=50", "damping=0.1")
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["solver"] == "lissa"
+    code, _, err = cli_here(capsys, "analyze", str(runs / "run"), "influence", "solver=ekfac",
+                            "num_test=2", "top_k=2")
+    assert code == 0, err
+    assert set(pd.read_csv(out / "top.csv")["method"]) == {"ekfac"}
     code, _, err = cli_here(capsys, "analyze", str(runs / "run"), "influence", "solver=newton")
-    assert code == 2 and "unknown inverse-HVP solver 'newton'" in err
+    assert code == 2 and "unknown solver 'newton'; choose one of: cg, lissa, ekfac" in err

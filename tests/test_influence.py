@@ -176,3 +176,30 @@ def test_bad_options_are_one_line(float64):
     with pytest.raises(UserError, match="damping=-1"):
         influence_scores(model, x, y, x[:2], y[:2], output=OUTPUTS.get("regression"),
                          names=["weight"], damping=-1.0)
+
+
+def test_ekfac_approximates_the_exact_gauss_newton_influence():
+    """kronfluence's EK-FAC on a one-layer softmax classifier against the exact solve with
+    the (margin) Gauss-Newton Hessian: the same ranking up to the Fisher's approximation."""
+    from dgrun.analysis.ekfac import ekfac_scores
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    y = (x @ torch.randn(6, 3) + 0.5 * torch.randn(200, 3)).argmax(1)
+    model = nn.Sequential(nn.Linear(6, 3))
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + 0.005 * sum(
+            (p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    ekfac = ekfac_scores(model, x, y, x[:10], y[:10], damping=0.01)
+    exact, _ = influence_scores(model, x, y, x[:10], y[:10], output=OUTPUTS.get("margin"),
+                                names=["0.weight", "0.bias"], damping=0.01,
+                                hessian="gauss_newton")
+    assert ekfac.shape == exact.shape == (10, 200)
+    assert np.corrcoef(ekfac.numpy().ravel(), exact.numpy().ravel())[0, 1] > 0.85

@@ -16,5 +16,5 @@ __all__ = ["ANALYSES", "ExampleTrace", "Result", "RunArtifacts", "analyze", "wri
 
 # Importing the modules registers their analyses.
 from dgrun.analysis import (attention, attribution, cartography, color, dynamics,  # noqa: E402,F401
-                            features, gradcam, influence, memorization, robustness,
-                            transition)
+                            ekfac, features, gradcam, influence, memorization,
+                            robustness, transition)

@@ -248,7 +248,9 @@ def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: flo
     """Influence of every training row on a seeded sample of `num_test` test rows, at the
     run's last checkpoint."""
     require_checkpoints(run.checkpoints, "influence")
-    SOLVERS.get(solver)
+    if solver not in SOLVERS and solver != "ekfac":  # EK-FAC: a method of its own, no solve
+        raise UserError(f"unknown solver '{solver}'",
+                        f"choose one of: {', '.join(SOLVERS.names() + ['ekfac'])}")
     last = [run.checkpoints[-1]]
     b = run.bundle
     options = {"solver": solver, "damping": float(damping), "hessian": hessian,
@@ -258,14 +260,17 @@ def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: flo
                     "repeats": repeats})
     kept: dict = {}
     result = attribute(run.model, last, b.train, b.test, prepare=b.prepare,
-                       methods=("influence",), lrs=lrs_at(run.rows, [last[0][0]]),
+                       methods=("ekfac" if solver == "ekfac" else "influence",),
+                       lrs=lrs_at(run.rows, [last[0][0]]),
                        test_indices=sample_indices(len(b.test), num_test, run.seed),
                        top_k=top_k, proj_dim=None, seed=run.seed, output=output,
                        batch_size=batch_size, params=params, influence=options,
                        keep=kept)
+    result.summary.update(solver=solver, damping=float(damping), checkpoint_step=last[0][0])
+    if solver == "ekfac":
+        return result
     record = kept["attribution"].solved
-    result.summary.update(solver=solver, damping=float(damping), hessian=hessian,
-                          checkpoint_step=last[0][0], solver_iterations=record.iterations,
+    result.summary.update(hessian=hessian, solver_iterations=record.iterations,
                           relative_residual=record.relative_residual)
     if record.relative_residual > 1e-2:
         result.summary["note"] = (f"the solve left a relative residual of "
