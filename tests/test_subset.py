@@ -127,3 +127,24 @@ def test_the_command_line_refuses_a_bad_seed_in_one_line(tmp_path):
                  f"hydra.run.dir={tmp_path / 'r'}", "threads=1", check=False)
     assert proc.returncode == 2 and "dataset.subset_seed='x' is not an integer" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_from_before_the_subset_keys_still_resumes():
+    from dgrun.resume import config_differences
+
+    old = {"dataset": {"name": "digits"}, "seed": 0}
+    new = {"dataset": {"name": "digits", "subset_fraction": None, "subset_seed": None}, "seed": 0}
+    assert config_differences(old, new) == []
+    new["dataset"]["subset_fraction"] = 0.5
+    assert config_differences(old, new) == ["dataset.subset_fraction: <unset> -> 0.5"]
+
+
+def test_streamed_data_cannot_be_subset():
+    from dgrun.data.bundle import Bundle, Meta, Split
+
+    x, y = torch.zeros(10, 3), torch.zeros(10, dtype=torch.long)
+    streamed = Split(x, y, stream=lambda step, batch, device: (x[:batch], y[:batch]))
+    bundle = Bundle(streamed, Split(x, y), Meta("toy", "vector", (3,), 2))
+    with pytest.raises(UserError, match="subset_fraction needs a fixed training set"):
+        subset.apply(bundle, 0.5, seed=0)
+    assert subset.apply(bundle, None, seed=0) is bundle
