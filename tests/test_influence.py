@@ -149,7 +149,8 @@ def test_logistic_regression_influence_matches_leave_one_out_retraining(float64)
     removed = torch.arange(0, n, 4)
 
     def test_losses(weights):
-        return nn.functional.softplus(-(2.0 * y_test[test_rows] - 1) * (x_test[test_rows] @ weights))
+        signs = 2.0 * y_test[test_rows] - 1
+        return nn.functional.softplus(-signs * (x_test[test_rows] @ weights))
 
     base = test_losses(w)
     actual, predicted = [], []

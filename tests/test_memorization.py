@@ -47,7 +47,8 @@ def test_standard_errors_are_those_of_a_difference_of_means_and_shrink_with_mode
     a = outcome[rows_in[:, i], j].double().numpy()
     b = outcome[~rows_in[:, i], j].double().numpy()
     assert est[i, j].item() == pytest.approx(a.mean() - b.mean())
-    assert se[i, j].item() == pytest.approx(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+    expected = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    assert se[i, j].item() == pytest.approx(expected)
     # Noisy outcomes: the standard error falls as 1/sqrt(models).
     ses = []
     for m in (100, 1600):
@@ -86,7 +87,8 @@ def test_analyze_an_ensemble_of_subset_models(tmp_path, capsys):
     assert len(table) == 1438 and table["corrupted"].sum() > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_models"] == 4 and abs(summary["subset_fraction"] - 0.5) < 0.01
-    assert (out / "memorization_distribution.png").is_file() and (out / "most_memorized.png").is_file()
+    assert (out / "memorization_distribution.png").is_file()
+    assert (out / "most_memorized.png").is_file()
     assert len(pd.read_csv(out / "influence.csv")) == 2 * 359
     assert str(out) in out_text
     # Its own output (analysis/, with a summary.json) is not taken for one more run.

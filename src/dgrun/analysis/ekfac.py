@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from dgrun.analysis.base import batched, model_device
+from dgrun.analysis.attribution import METHODS, Attribution
+from dgrun.analysis.base import batched, kept_weights, load, model_device
 from dgrun.analysis.gradients import OUTPUTS
 from dgrun.errors import UserError
 
@@ -79,9 +80,6 @@ def ekfac_scores(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Ten
     logging.getLogger("kronfluence").setLevel(quiet)
     return scores["all_modules"].float().cpu()
 
-
-from dgrun.analysis.attribution import METHODS, Attribution  # noqa: E402
-from dgrun.analysis.base import kept_weights, load  # noqa: E402
 
 
 @METHODS.register("ekfac")

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from dgrun.analysis.base import batched, model_device
+from dgrun.analysis.attribution import METHODS, Attribution, attribute, lrs_at, plot_attribution
+from dgrun.analysis.base import (ANALYSES, Result, RunArtifacts, batched, kept_weights, load,
+                                 model_device, require_checkpoints, sample_indices)
 from dgrun.analysis.gradients import ModelOutput, Projector, projected_gradients
 from dgrun.errors import UserError
 from dgrun.registry import Registry
@@ -219,10 +221,6 @@ def influence_scores(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test:
 
 # --- as an attribution method, and as `dgrun analyze RUN influence` ---------------------------
 
-from dgrun.analysis.attribution import METHODS, Attribution, attribute, lrs_at, plot_attribution  # noqa: E402
-from dgrun.analysis.base import (ANALYSES, Result, RunArtifacts, kept_weights, load,  # noqa: E402
-                                 require_checkpoints, sample_indices)
-
 
 @METHODS.register("influence")
 def influence_method(a: Attribution) -> Tensor:
@@ -240,9 +238,10 @@ def influence_method(a: Attribution) -> Tensor:
 
 @ANALYSES.register("influence", plot=plot_attribution)
 def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: float = 0.01,
-                       hessian: str = "gauss_newton", iterations: int = 100, tol: float = 1e-6, depth: int = 1000,
-                       scale: Optional[float] = None, lissa_batch_size: Optional[int] = 128,
-                       repeats: int = 1, num_test: int = 32, top_k: int = 10,
+                       hessian: str = "gauss_newton", iterations: int = 100, tol: float = 1e-6,
+                       depth: int = 1000, scale: Optional[float] = None,
+                       lissa_batch_size: Optional[int] = 128, repeats: int = 1,
+                       num_test: int = 32, top_k: int = 10,
                        output: str = "margin", batch_size: int = 64,
                        params: Optional[Sequence[str]] = None) -> Result:
     """Influence of every training row on a seeded sample of `num_test` test rows, at the
