@@ -60,3 +60,71 @@ def test_analyze_errors_are_one_line(noisy_run, tmp_path, capsys):
     train_here(untracked, "trainer.max_epochs=2", *FAST)
     code, _, err = cli_here(capsys, "analyze", str(untracked), "cartography")
     assert code == 2 and "trainer.track_examples=true" in err
+
+
+# ---------------------------------------------------------------- a run that is still writing
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory):
+    """A checkpoint every epoch, each kept: last.pt, previous.pt and step_* for 12, 24, 36."""
+    run_dir = tmp_path_factory.mktemp("snapshots") / "run"
+    train_here(run_dir, "trainer.max_epochs=3", "trainer.checkpoint_every=1",
+               "trainer.snapshots=every", *FAST)
+    return run_dir
+
+
+def test_analyze_reads_each_checkpoint_once_and_labels_it_with_that_reads_step(
+        snapshot_run, tmp_path, monkeypatch):
+    """A live run replaces last.pt between any two reads; here every read after the first
+    returns an older checkpoint. The step must come from the read that gave the weights."""
+    import shutil
+
+    import torch
+
+    from dgrun import checkpoint
+    from dgrun.analysis.command import artifacts
+    from dgrun.reopen import reopen
+
+    kept = snapshot_run / "checkpoints"
+    truth = {s: checkpoint.load_file(kept / f"step_{s:08d}.pt")["model"] for s in (12, 24, 36)}
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    for step in (24, 36):  # as with snapshots=log: last.pt and previous.pt hold the only copies
+        (run / "checkpoints" / f"step_{step:08d}.pt").unlink()
+    real_load, reads = checkpoint.load_file, {}
+
+    def rotating_load(path, map_location="cpu"):
+        reads[path.name] = reads.get(path.name, 0) + 1
+        if path.name == "last.pt" and reads[path.name] > 1:
+            return real_load(kept / "step_00000012.pt", map_location)
+        return real_load(path, map_location)
+
+    monkeypatch.setattr(checkpoint, "load_file", rotating_load)
+    loaded = artifacts(reopen(run)).checkpoints
+    assert [step for step, _ in loaded] == [12, 24, 36]
+    assert max(reads.values()) == 1, reads
+    for step, state in loaded:
+        assert all(torch.equal(state[k], truth[step][k]) for k in state), step
+
+
+def test_a_checkpoint_that_vanishes_between_listing_and_reading_is_skipped_with_a_note(
+        snapshot_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dgrun import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    real_candidates = checkpoint.candidates
+
+    def listing_then_rotation(directory):
+        files = real_candidates(directory)
+        for name in ("previous.pt", "step_00000024.pt"):  # the run moved on meanwhile
+            (directory / name).unlink()
+        return files
+
+    monkeypatch.setattr(checkpoint, "candidates", listing_then_rotation)
+    code, out, err = cli_here(capsys, "analyze", str(run), "dynamics")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and all("vanished" in line for line in notes), out
+    assert "step_00000024.pt" in out and (run / "analysis" / "dynamics" / "dynamics.png").is_file()

@@ -22,11 +22,9 @@ from dgrun.errors import UserError
 
 def artifacts(run, device: str = "cpu"):
     """A reopened run -> the RunArtifacts the analyses take."""
-    from dgrun import checkpoint
     from dgrun.analysis.base import ExampleTrace, RunArtifacts
 
-    loaded = [(step, checkpoint.load_file(path, map_location=device))
-              for step, path in run.checkpoints()]
+    loaded = run.load_checkpoints(device)
     examples = None
     if loaded:
         tracked = loaded[-1][1].get("probes", {}).get("examples")
@@ -53,7 +51,10 @@ def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> l
     written = []
     for run_dir in find_run_dirs(paths):
         run = reopen(run_dir, device)
-        written += analyze(what, artifacts(run, device), run_dir / "analysis" / what, **options)
+        loaded = artifacts(run, device)
+        for note in run.notes:
+            print(f"note: {note}")
+        written += analyze(what, loaded, run_dir / "analysis" / what, **options)
     return written
 
 
