@@ -125,6 +125,7 @@ def test_a_checkpoint_that_vanishes_between_listing_and_reading_is_skipped_with_
     monkeypatch.setattr(checkpoint, "candidates", listing_then_rotation)
     code, out, err = cli_here(capsys, "analyze", str(run), "dynamics")
     assert code == 0, err
-    notes = [line for line in out.splitlines() if line.startswith("note:")]
-    assert len(notes) == 2 and all("vanished" in line for line in notes), out
-    assert "step_00000024.pt" in out and (run / "analysis" / "dynamics" / "dynamics.png").is_file()
+    notes = [line for line in err.splitlines() if line.startswith("dgrun: note:")]
+    assert len(notes) == 2 and all("vanished" in line for line in notes), err
+    assert len(err.strip().splitlines()) == 2 and "step_00000024.pt" in err
+    assert (run / "analysis" / "dynamics" / "dynamics.png").is_file()

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from dgrun import report, report_figures
 from dgrun.callbacks import ReportCallback
+from dgrun.errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -145,11 +146,11 @@ def test_table_has_every_run_with_typed_swept_values(sweep):
     assert report.swept_columns(table, ["corruption", "corruption.prob", "seed"]) == ["prob"]
 
 
-def test_unreadable_summary_is_listed_not_fatal(tmp_path):
+def test_a_damaged_summary_is_refused_naming_the_file(tmp_path):
     run = make_run(tmp_path, "0", prob=0.0, seed=0)
     (run / "summary.json").write_text("{")
-    row = table_of(tmp_path).iloc[0]
-    assert row["status"] == "unknown" and "summary.json unreadable" in row["error"]
+    with pytest.raises(UserError, match=r"summary.json is damaged: not JSON .*move it aside"):
+        table_of(tmp_path)
 
 
 # ---------------------------------------------------------------- the command

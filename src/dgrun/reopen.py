@@ -8,7 +8,6 @@ and its model at any checkpoint it kept. What `dgrun analyze` works from.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dgrun import checkpoint
+from dgrun import checkpoint, readback
 from dgrun.errors import UserError
-from dgrun.files import read_json
 from dgrun.rundir import RunDir
 
 
@@ -41,11 +39,7 @@ class ReopenedRun:
 
     @cached_property
     def rows(self) -> list[dict]:
-        path = self.path / "metrics.csv"
-        if not path.is_file():
-            return []
-        with open(path) as f:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return readback.read_metrics_rows(self.path / "metrics.csv")
 
     def bundle(self):
         """The run's data, built as the run built it (seeded corruption included)."""
@@ -124,13 +118,10 @@ def reopen(path: Path, device: str = "cpu") -> ReopenedRun:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a directory", "pass a run directory")
-    summary = {}
-    if (path / "summary.json").is_file():
-        try:
-            summary = read_json(path / "summary.json")
-        except (OSError, ValueError):
-            summary = {}
+    summary = readback.read_summary(path / "summary.json")
     config = summary.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise readback.damaged(path / "summary.json", "its 'config' is not a mapping")
     if not config:
         payload = checkpoint.load_latest(RunDir(path).checkpoints)
         config = (payload or {}).get("config")
@@ -139,11 +130,3 @@ def reopen(path: Path, device: str = "cpu") -> ReopenedRun:
                         "config)", "pass the directory of a run (one with checkpoints/)")
     return ReopenedRun(path, config, summary, torch.device(device))
 
-
-def _number(text: str) -> Any:
-    if text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text

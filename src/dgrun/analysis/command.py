@@ -38,6 +38,7 @@ def artifacts(run, device: str = "cpu"):
 
 
 def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> list[Path]:
+    from dgrun import readback
     from dgrun.analysis import ANALYSES, analyze
     from dgrun.reopen import reopen
     from dgrun.report import find_run_dirs
@@ -53,7 +54,7 @@ def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> l
         run = reopen(run_dir, device)
         loaded = artifacts(run, device)
         for note in run.notes:
-            print(f"note: {note}")
+            readback.note(note)
         written += analyze(what, loaded, run_dir / "analysis" / what, **options)
     return written
 
