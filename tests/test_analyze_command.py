@@ -129,3 +129,42 @@ def test_a_checkpoint_that_vanishes_between_listing_and_reading_is_skipped_with_
     assert len(notes) == 2 and all("vanished" in line for line in notes), err
     assert len(err.strip().splitlines()) == 2 and "step_00000024.pt" in err
     assert (run / "analysis" / "dynamics" / "dynamics.png").is_file()
+
+
+# ---------------------------------------------------------------- options, checked like config keys
+@pytest.mark.parametrize("args,message", [
+    (["attribution", "top_k=abc"], "top_k='abc' is not a whole number; set top_k to a whole"),
+    (["attribution", "top_k=-3"], "top_k=-3 is out of range [1, inf)"),
+    (["features", "num_test=0"], "num_test=0 is out of range [1, inf)"),
+    (["cartography", "late_quantile=abc"], "late_quantile='abc' is not a number"),
+    (["cartography", "late_quantile=1.5"], "late_quantile=1.5 is out of range [0.0, 1.0]"),
+    (["features", "tsne=maybe"], "tsne='maybe' is not true/false"),
+    (["robustness", "severities=[1,7]"], "severities=7 is out of range [1, 5]"),
+    (["attribution", "topk=3"], "has no option 'topk'; did you mean top_k?"),
+])
+def test_analysis_options_are_type_and_range_checked_in_one_line(args, message, snapshot_run,
+                                                                 capsys):
+    code, _, err = cli_here(capsys, "analyze", str(snapshot_run), *args)
+    assert code == 2 and err.startswith("dgrun: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (snapshot_run / "analysis" / args[0]).exists()  # refused before any work
+
+
+def test_every_analysis_declares_typed_options_the_checker_reads():
+    """Each option's default passes its own declared type and range, and values arrive typed:
+    YAML's text `1e-3` as a float, one name where a list is declared as a list."""
+    import inspect
+
+    from dgrun.analysis import ANALYSES
+    from dgrun.analysis.options import check
+
+    for what in ANALYSES.names():
+        adapter = ANALYSES.get(what)
+        defaults = {p.name: p.default for p in inspect.signature(adapter).parameters.values()
+                    if p.kind == p.KEYWORD_ONLY}
+        assert defaults, what
+        assert check(what, adapter, defaults).keys() == defaults.keys()
+    assert check("features", ANALYSES.get("features"), {"probe_C": "1e-3", "num_test": 5.0}) == \
+        {"probe_C": 0.001, "num_test": 5}
+    assert check("attribution", ANALYSES.get("attribution"), {"methods": "trak"}) == \
+        {"methods": ["trak"]}

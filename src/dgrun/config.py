@@ -204,9 +204,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_range(key: str, value: Any) -> None:
-    if key not in RANGES or value is None:
+    if key in RANGES:
+        check_range(key, value, RANGES[key])
+
+
+def check_range(key: str, value: Any, bounds: tuple[float, float, bool, bool]) -> None:
+    """`value` within (low, high, low_inclusive, high_inclusive), or the one-line error."""
+    if value is None:
         return
-    lo, hi, lo_in, hi_in = RANGES[key]
+    lo, hi, lo_in, hi_in = bounds
     ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
     if not ok:
         left, right = "[" if lo_in else "(", "]" if hi_in else ")"

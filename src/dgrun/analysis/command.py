@@ -40,15 +40,12 @@ def artifacts(run, device: str = "cpu"):
 def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> list[Path]:
     from dgrun import readback
     from dgrun.analysis import ANALYSES, analyze
+    from dgrun.analysis.options import check
     from dgrun.reopen import reopen
     from dgrun.report import find_run_dirs
 
-    # An unknown WHAT or option fails before any run is loaded (checkpoints take a while).
-    allowed = ANALYSES.options(what)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise UserError(f"analysis '{what}' has no option '{unknown[0]}'",
-                        f"its options are: {', '.join(allowed) or 'none'}")
+    # An unknown WHAT, option or value fails before any run is loaded (checkpoints take a while).
+    options = check(what, ANALYSES.get(what), options)
     written = []
     for run_dir in find_run_dirs(paths):
         run = reopen(run_dir, device)
