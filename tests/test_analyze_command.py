@@ -168,3 +168,26 @@ def test_every_analysis_declares_typed_options_the_checker_reads():
         {"probe_C": 0.001, "num_test": 5}
     assert check("attribution", ANALYSES.get("attribution"), {"methods": "trak"}) == \
         {"methods": ["trak"]}
+
+
+# ---------------------------------------------------------------- runs you cannot write to
+def test_analyze_out_writes_elsewhere_and_an_unwritable_run_is_one_line(snapshot_run, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(snapshot_run, sweep / job, ignore=shutil.ignore_patterns("analysis"))
+        (sweep / job / "analysis").write_text("")  # what a read-only run is to mkdir
+    code, _, err = cli_here(capsys, "analyze", str(sweep), "dynamics")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(sweep / "0" / "analysis") in err and "pass --out DIR" in err
+
+    out = tmp_path / "elsewhere"
+    code, stdout, err = cli_here(capsys, "analyze", str(sweep), "dynamics", "--out", str(out))
+    assert code == 0, err
+    for job in ("0", "1"):
+        assert (out / job / "dynamics" / "dynamics.png").stat().st_size > 0
+        assert (sweep / job / "analysis").is_file()  # the runs untouched
+    code, _, err = cli_here(capsys, "analyze", str(sweep / "1"), "dynamics", "--out", str(out))
+    assert code == 0 and (out / "dynamics" / "curves.csv").is_file(), err

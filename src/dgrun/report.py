@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 
 from dgrun import readback
-from dgrun.errors import UserError
+from dgrun.errors import UserError, os_problem
 from dgrun.status import HAS_FINAL_NUMBERS as FINISHED
 from dgrun.stopping import interpolates
 
@@ -414,7 +414,10 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         _report(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError):  # a read-only run, a full disk: one line, like bad input
+            e = os_problem(e, "choose another --out DIR" if args.out else
+                           "pass --out DIR to write the report elsewhere")
         print(f"dgrun: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0

@@ -4,7 +4,9 @@
     dgrun analyze outputs/.../run attribution methods=[trak,knn] top_k=5
     dgrun analyze multirun/2026-11-24/10-00-00 dynamics      # every run of a sweep
 
-Writes RUN_DIR/analysis/WHAT/: tables as CSV, figures as PNG, summary.json. Option values are
+Writes RUN_DIR/analysis/WHAT/: tables as CSV, figures as PNG, summary.json; with `--out DIR`
+(a read-only run, a shared one) DIR/WHAT/ for one run and DIR/<run's path in the sweep>/WHAT/
+for each run of a sweep. Option values are
 read as YAML (lists, numbers, null). The run is rebuilt from what it recorded (dgrun.reopen):
 its data exactly as it trained on them, its model at each checkpoint it kept, its metrics and
 summary, and, with trainer.track_examples=true, its per-example history.
@@ -12,12 +14,14 @@ summary, and, with trainer.track_examples=true, its per-example history.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
-from dgrun.errors import UserError
+from dgrun.errors import UserError, os_problem
 
 
 def artifacts(run, device: str = "cpu"):
@@ -37,7 +41,16 @@ def artifacts(run, device: str = "cpu"):
                         seed=run.cfg.seed)
 
 
-def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> list[Path]:
+def out_dir(run_dir: Path, root: Path, what: str, out: Optional[Path]) -> Path:
+    """Where one run's analysis goes: inside the run, or under `out` at the run's place in
+    the sweep given (the run itself given: out/WHAT)."""
+    if out is None:
+        return run_dir / "analysis" / what
+    return out / os.path.relpath(run_dir, root.resolve()) / what
+
+
+def analyze_paths(paths: list[Path], what: str, options: dict, device: str,
+                  out: Optional[Path] = None) -> list[Path]:
     from dgrun import readback
     from dgrun.analysis import ANALYSES, analyze
     from dgrun.analysis.options import check
@@ -52,7 +65,7 @@ def analyze_paths(paths: list[Path], what: str, options: dict, device: str) -> l
         loaded = artifacts(run, device)
         for note in run.notes:
             readback.note(note)
-        written += analyze(what, loaded, run_dir / "analysis" / what, **options)
+        written += analyze(what, loaded, out_dir(run_dir, paths[0], what, out), **options)
     return written
 
 
@@ -74,7 +87,7 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="dgrun analyze", description="Analyses of a run from its directory: writes "
-        "RUN_DIR/analysis/WHAT/ (CSV tables, PNG figures, summary.json).",
+        "RUN_DIR/analysis/WHAT/ (CSV tables, PNG figures, summary.json), or --out DIR.",
         epilog="WHAT: " + ", ".join(ANALYSES.names()) + ". Options per analysis: "
         "src/dgrun/analysis/README.md, or a wrong one lists them.")
     p.add_argument("path", type=Path, metavar="RUN_DIR",
@@ -82,14 +95,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("what", metavar="WHAT", help=", ".join(ANALYSES.names()))
     p.add_argument("options", nargs="*", metavar="OPTION=VALUE")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write DIR/WHAT/ (a sweep: DIR/<run>/WHAT/) instead of inside the run: "
+                        "for runs you cannot or should not write to")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:
         written = analyze_paths([args.path], args.what, parse_options(args.options),
-                                args.device)
-    except UserError as e:
+                                args.device, args.out)
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError):  # a read-only run, a full disk: one line, like bad input
+            e = os_problem(e, "choose another --out DIR" if args.out else
+                           "pass --out DIR to write the analysis elsewhere")
         print(f"dgrun: error: {e}", file=sys.stderr)
         return 2
     print("wrote " + ", ".join(str(p) for p in written))
