@@ -48,6 +48,9 @@ def read_summary(path: Path) -> dict:
         raise damaged(path, f"not JSON ({e})") from None
     if not isinstance(summary, dict):
         raise damaged(path, f"a JSON {type(summary).__name__}, not an object")
+    for key, kind in (("config", dict), ("overrides", list)):  # what readers rebuild a run from
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            raise damaged(path, f"its '{key}' is not a {'mapping' if kind is dict else 'list'}")
     return summary
 
 

@@ -120,8 +120,6 @@ def reopen(path: Path, device: str = "cpu") -> ReopenedRun:
         raise UserError(f"{path} is not a directory", "pass a run directory")
     summary = readback.read_summary(path / "summary.json")
     config = summary.get("config")
-    if config is not None and not isinstance(config, dict):
-        raise readback.damaged(path / "summary.json", "its 'config' is not a mapping")
     if not config:
         payload = checkpoint.load_latest(RunDir(path).checkpoints)
         config = (payload or {}).get("config")
