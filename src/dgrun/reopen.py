@@ -127,4 +127,3 @@ def reopen(path: Path, device: str = "cpu") -> ReopenedRun:
         raise UserError(f"{path} holds no dgrun run (no summary.json or checkpoint with its "
                         "config)", "pass the directory of a run (one with checkpoints/)")
     return ReopenedRun(path, config, summary, torch.device(device))
-

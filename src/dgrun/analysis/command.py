@@ -6,10 +6,11 @@
 
 Writes RUN_DIR/analysis/WHAT/: tables as CSV, figures as PNG, summary.json; with `--out DIR`
 (a read-only run, a shared one) DIR/WHAT/ for one run and DIR/<run's path in the sweep>/WHAT/
-for each run of a sweep. Option values are
-read as YAML (lists, numbers, null). The run is rebuilt from what it recorded (dgrun.reopen):
-its data exactly as it trained on them, its model at each checkpoint it kept, its metrics and
-summary, and, with trainer.track_examples=true, its per-example history.
+for each run of a sweep. Option values are read as YAML (lists, numbers, null) and checked
+against the analysis's typed options (dgrun.analysis.options). The run is rebuilt from what
+it recorded (dgrun.reopen): its data exactly as it trained on them, its model at each
+checkpoint it kept (each file read once), its metrics and summary, and, with
+trainer.track_examples=true, its per-example history.
 """
 from __future__ import annotations
 
