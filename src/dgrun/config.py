@@ -8,9 +8,10 @@ signature, checked here (unknown option, wrong type) together with value ranges.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -219,14 +220,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_range(key: str, value: Any) -> None:
-    if key not in RANGES or value is None:
+    if key in RANGES:
+        check_range(key, value, RANGES[key])
+
+
+def check_range(key: str, value: Any, bounds: tuple[float, float, bool, bool]) -> None:
+    """`value` within (low, high, low_inclusive, high_inclusive), or the one-line error."""
+    if value is None:
         return
-    lo, hi, lo_in, hi_in = RANGES[key]
+    lo, hi, lo_in, hi_in = bounds
     ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
     if not ok:
         left, right = "[" if lo_in else "(", "]" if hi_in else ")"
         raise UserError(f"{key}={value} is out of range {left}{lo}, {hi}{right}",
                         f"set {key} to a value in that range")
+
+
+def unknown_key(key: str, known: list[str]) -> UserError:
+    """The one line for a key no schema has, with the nearest known key."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UserError(f"unknown config key '{key}'", f"{hint}`dgrun --cfg job` lists every key")
+
+
+def _check_keys(raw: dict[str, Any]) -> None:
+    """Keys added with `+` bypass Hydra's struct check: compare them with the schema here.
+
+    The sections whose keys a registry checks (dataset, model, optimizer, ...) and the open
+    mappings (probes, logger: one entry per chosen probe or tracker) are checked elsewhere."""
+    sections = {"": RootSchema, "trainer.": TrainerConfig, "corruption.": CorruptionConfig}
+    for prefix, schema in sections.items():
+        node = raw if not prefix else raw.get(prefix[:-1])
+        known = [f.name for f in fields(schema)]
+        for key in node if isinstance(node, dict) else ():
+            if key not in known:
+                raise unknown_key(prefix + key, [prefix + k for k in known])
+    phenomenon = raw.get("phenomenon") or {}
+    for key in phenomenon if isinstance(phenomenon, dict) else ():
+        if key != "name":  # a preset's label; what it sets lives in the other sections
+            raise unknown_key(f"phenomenon.{key}", ["phenomenon.name"])
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -294,6 +326,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     from dgrun.optim import OPTIMIZERS, SCHEDULERS
 
     raw = plain(cfg)
+    _check_keys(raw)
     trainer = TrainerConfig(**raw["trainer"])
     for key, value in vars(trainer).items():
         _check_range(f"trainer.{key}", value)

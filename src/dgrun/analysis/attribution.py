@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
                                  pixels01, require_checkpoints, sample_indices, spread)
+from dgrun.analysis.options import Count
 from dgrun.analysis.features import penultimate_features
 from dgrun.analysis.figures import plt, save
 from dgrun.analysis.gradients import OUTPUTS, Projector, projected_gradients, selected_parameters
@@ -306,9 +307,9 @@ def lrs_at(rows: Sequence[dict], steps: Sequence[int]) -> dict[int, float]:
 
 @ANALYSES.register("attribution", plot=plot_attribution)
 def attribution_from_run(run: RunArtifacts, /, *, methods: Sequence[str] = ("trak", "tracin",
-                         "grad_cosine", "knn"), num_checkpoints: int = 4, num_test: int = 32,
-                         top_k: int = 10, proj_dim: Optional[int] = 512,
-                         output: str = "margin", batch_size: int = 64,
+                         "grad_cosine", "knn"), num_checkpoints: Count = 4, num_test: Count = 32,
+                         top_k: Count = 10, proj_dim: Optional[Count] = 512,
+                         output: str = "margin", batch_size: Count = 64,
                          params: Optional[Sequence[str]] = None, lds: Optional[str] = None,
                          models: Optional[str] = None) -> Result:
     """`num_checkpoints` evenly spaced over the run (the initialization skipped), a seeded
