@@ -36,6 +36,7 @@ from dgrun.analysis.attribution import METHODS, Attribution, attribute, lrs_at, 
 from dgrun.analysis.base import (ANALYSES, Result, RunArtifacts, batched, kept_weights, load,
                                  model_device, require_checkpoints, sample_indices)
 from dgrun.analysis.gradients import ModelOutput, Projector, projected_gradients
+from dgrun.analysis.options import Count, NonNegative, Positive
 from dgrun.errors import UserError
 from dgrun.registry import Registry
 
@@ -237,12 +238,13 @@ def influence_method(a: Attribution) -> Tensor:
 
 
 @ANALYSES.register("influence", plot=plot_attribution)
-def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: float = 0.01,
-                       hessian: str = "gauss_newton", iterations: int = 100, tol: float = 1e-6,
-                       depth: int = 1000, scale: Optional[float] = None,
-                       lissa_batch_size: Optional[int] = 128, repeats: int = 1,
-                       num_test: int = 32, top_k: int = 10,
-                       output: str = "margin", batch_size: int = 64,
+def influence_from_run(run: RunArtifacts, /, *, solver: str = "cg", damping: NonNegative = 0.01,
+                       hessian: str = "gauss_newton", iterations: Count = 100,
+                       tol: Positive = 1e-6, depth: Count = 1000,
+                       scale: Optional[Positive] = None,
+                       lissa_batch_size: Optional[Count] = 128, repeats: Count = 1,
+                       num_test: Count = 32, top_k: Count = 10,
+                       output: str = "margin", batch_size: Count = 64,
                        params: Optional[Sequence[str]] = None) -> Result:
     """Influence of every training row on a seeded sample of `num_test` test rows, at the
     run's last checkpoint."""

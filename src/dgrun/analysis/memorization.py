@@ -24,6 +24,7 @@ from torch import Tensor
 
 from dgrun.analysis.base import ANALYSES, Result, pixels01
 from dgrun.analysis.figures import plt, save
+from dgrun.analysis.options import Count, Index
 
 
 def in_out_difference(rows_in: Tensor, outcome: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,7 +162,7 @@ def plot_memorization(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("memorization", plot=plot_memorization, over="models")
-def memorization_from_models(models, /, *, top_k: int = 5, gallery: int = 16) -> Result:
+def memorization_from_models(models, /, *, top_k: Count = 5, gallery: Index = 16) -> Result:
     """`dgrun analyze SWEEP_OR_ENSEMBLE memorization`: `models` is a SubsetModels."""
     b = models.bundle
     result = memorization(models.rows_in, models.train_correct, models.test_correct,
