@@ -19,6 +19,7 @@ from torch import nn
 
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
                                  predict, require_checkpoints, spread)
+from dgrun.analysis.options import Count, Positive
 from dgrun.errors import UserError
 from dgrun.losses import LOSSES
 from dgrun.probes.fourier import OPERATION_SIGNS
@@ -85,8 +86,9 @@ def plot_progress(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("progress", plot=plot_progress)
-def progress_from_run(run: RunArtifacts, /, *, num_checkpoints: int = 40, min_share: float = 0.5,
-                      key_frequencies: Optional[list] = None) -> Result:
+def progress_from_run(run: RunArtifacts, /, *, num_checkpoints: Count = 40,
+                      min_share: Positive = 0.5,
+                      key_frequencies: Optional[list[Count]] = None) -> Result:
     """Restricted/excluded loss, Fourier Gini and phases at each checkpoint (modular runs)."""
     b = run.bundle
     if b.meta.name != "modular":
