@@ -245,3 +245,11 @@ def test_the_default_grokking_run_shows_the_three_phases_in_order(run_dir):
     assert found["circuit_formation_step"] < found["cleanup_step"] < found["cleanup_end_step"]
     assert found["circuit_formation_step"] > read_summary(run_dir)["grokking"][
         "memorization_step"]
+
+
+def test_log_spaced_evaluations_ending_just_after_a_log_step_are_still_log_spaced():
+    from dgrun.plots import looks_log_spaced
+
+    # nanda2023 at 2,000 steps evaluates at ..., 1778, 1995, 2000: the last gap is 5.
+    assert looks_log_spaced([0, 1, 2, 3, 5, 10, 32, 100, 316, 1000, 1778, 1995, 2000])
+    assert not looks_log_spaced([0, 50, 100, 150, 200, 210])   # linear, short final gap
