@@ -253,3 +253,27 @@ def test_log_spaced_evaluations_ending_just_after_a_log_step_are_still_log_space
     # nanda2023 at 2,000 steps evaluates at ..., 1778, 1995, 2000: the last gap is 5.
     assert looks_log_spaced([0, 1, 2, 3, 5, 10, 32, 100, 316, 1000, 1778, 1995, 2000])
     assert not looks_log_spaced([0, 50, 100, 150, 200, 210])   # linear, short final gap
+
+
+def test_a_one_hot_models_first_layer_is_its_embedding():
+    from dgrun.probes.modular_progress import operand_embedding
+
+    model = QuadraticMLP(P + 1, 2, P, width=4)
+    w = 2 * math.pi * torch.tensor([5.0, 23.0]) / P
+    x = torch.arange(P, dtype=torch.float32)[:, None]
+    with torch.no_grad():
+        model.w_in.zero_()
+        model.w_in[:P] = torch.cat([torch.cos(w * x), torch.sin(w * x)], 1)   # operand a
+        model.w_in[P + 1:2 * P + 1] = torch.cat([torch.cos(w * x), -torch.sin(w * x)], 1)
+    embedding = operand_embedding(model, P, P + 1)
+    assert embedding.shape == (P, 8)  # a's and b's weights side by side
+    row, probe, _ = measure(model)
+    assert probe.last["embedding_frequencies"] == [5, 23]
+    assert row["fourier_gini"] > 0.9
+
+
+def test_the_probe_state_carries_the_key_frequencies_across_a_resume():
+    row, probe, bundle = measure(TrigAlgorithm(P, KEYS))
+    resumed, = build({"modular_progress": {}}, meta=bundle.meta, seed=0)
+    resumed.load_state_dict(probe.state_dict())
+    assert resumed.summarize([])["modular_progress"]["key_frequencies"] == KEYS
