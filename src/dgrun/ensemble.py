@@ -220,6 +220,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
     stack, one optimizer and schedule over it, and the plan."""
     # One copy of the data unless the corruption is drawn from each member's seed.
     per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
+    per_member |= cfg.subset.fraction is not None and cfg.subset.seed is None  # own subsets
     shared = None if per_member else _load(cfg, device)
     modules = []
     for m in members:
@@ -241,7 +242,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
             per_example_loss=lambda out, y, loss=loss: loss(out, y, reduction="none"),
             **cfg.objective.options)
         m.probes = probes.build({p.name: p.options for p in cfg.probes}, meta=meta,
-                                seed=m.cfg.seed)
+                                seed=m.cfg.seed, loss=cfg.trainer.loss)
     stack = Stack(modules)
     del modules
     plan, snapshot_points = make_plan(cfg.trainer, len(members[0].bundle.train), cfg.seed)
@@ -257,7 +258,9 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
 def _load(cfg: RunConfig, device: torch.device) -> Bundle:
     return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
+                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                         subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                         ).to(device)
 
 
 def restore(stack: Stack, parts: Parts, members: list[Member]) -> None:
@@ -318,7 +321,8 @@ def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
     described = describe(m.cfg, m.bundle, device)
     described["ensemble"] = {"size": len(stack.views), "member": m.k}
     facts = Facts(described=described, params=models.count_params(stack.views[m.k]),
-                  config=m.config, overrides=member_overrides(overrides, m.cfg.seed))
+                  config=m.config, overrides=member_overrides(overrides, m.cfg.seed),
+                  subset_rows=m.bundle.subset)
     if m.payload is not None:
         facts.resumed_at_steps = list((m.decision.summary or {}).get("resumed_at_steps", []))
         facts.resumed_at_steps.append(start)

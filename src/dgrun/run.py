@@ -23,7 +23,7 @@ import torch
 from dgrun import models, optim, probes, progress, runtime, trackers
 from dgrun.config import RunConfig, TrainerConfig
 from dgrun.data import augment as augmentation
-from dgrun.data import pipeline
+from dgrun.data import pipeline, subset
 from dgrun.data.bundle import Bundle
 from dgrun.losses import LOSSES
 from dgrun.objectives import OBJECTIVES, Objective
@@ -93,7 +93,9 @@ class Parts:
 def build(cfg: RunConfig, device: torch.device) -> Parts:
     bundle = pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
                            corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
+                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                           subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                           ).to(device)
     meta = bundle.meta
     augment = augmentation.build(cfg.pipeline.get("augment"), seed=cfg.seed,
                                  modality=meta.modality, input_shape=meta.input_shape)
@@ -114,7 +116,7 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
     specs = {p.name: p.options for p in cfg.probes}
     if cfg.trainer.track_examples:
         specs.setdefault("examples", {})
-    probe_list = probes.build(specs, meta=meta, seed=cfg.seed)
+    probe_list = probes.build(specs, meta=meta, seed=cfg.seed, loss=cfg.trainer.loss)
     # Compiled for training steps only: the module itself keeps plain state_dict keys, and
     # evaluation (varying batch shapes) does not trigger recompiles.
     forward = torch.compile(model) if cfg.trainer.compile else model
@@ -153,7 +155,16 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device,
         "train_size": len(bundle.train), "test_size": len(bundle.test),
         "device": str(device), "threads": torch.get_num_threads(),
         **({"threads_why": threads_why} if threads_why else {}),
+        **describe_subset(cfg, bundle),
     }
+
+
+def describe_subset(cfg: RunConfig, bundle: Bundle) -> dict[str, Any]:
+    """summary.json's `subset` (its rows: subset.npy), when the run trains on one."""
+    if bundle.subset is None:
+        return {}
+    return {"subset": {"fraction": cfg.subset.fraction, "seed": cfg.subset_seed,
+                       "size": len(bundle.subset), "file": subset.RECORD_FILE}}
 
 
 def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
@@ -203,7 +214,8 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         log.info("threads=auto: %d, from %s", threads, threads_why)
     facts = Facts(described=describe(cfg, parts.bundle, device, threads_why),
                   params=models.count_params(parts.model), config=config, overrides=overrides,
-                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size)
+                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size,
+                  subset_rows=parts.bundle.subset)
     state = State()
     if decision.payload is not None:
         state = restore(parts, decision.payload)
