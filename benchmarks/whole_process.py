@@ -29,10 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cpu_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CASES = {  # plain script -> dgrun's overrides
-    "grokking": ["phenomenon=grokking"],
-    "phase_transition": ["phenomenon=phase_transition"],
-    "default": [],
+CASES = {  # case -> (plain script, dgrun's overrides)
+    "grokking": ("grokking", ["phenomenon=grokking"]),
+    "phase_transition": ("phase_transition", ["phenomenon=phase_transition"]),
+    "default": ("default", []),
+    # The presets without their hidden-progress probe (Fourier measures the plain scripts do
+    # not compute): what dgrun adds to the same work.
+    "grokking -modular_progress": ("grokking", ["phenomenon=grokking",
+                                                "~probes.modular_progress"]),
+    "phase_transition -parity_progress": ("phase_transition", ["phenomenon=phase_transition",
+                                                               "~probes.parity_progress"]),
 }
 
 
@@ -65,7 +71,7 @@ def same_numbers(dgrun_dir: Path, plain_dir: Path) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--cases", default="grokking,phase_transition,default")
     p.add_argument("--out")
     args = p.parse_args()
     chosen = args.cases.split(",")
@@ -82,11 +88,12 @@ def main() -> int:
         for r in range(args.repeat):
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
+                script, overrides = CASES[case]
                 commands = {
-                    "dgrun": [sys.executable, "-m", "dgrun.cli", *CASES[case], "threads=1",
+                    "dgrun": [sys.executable, "-m", "dgrun.cli", *overrides, "threads=1",
                               "quiet=true", "trainer.progress=none",
                               f"hydra.run.dir={tmp / 'dgrun'}"],
-                    "plain": [sys.executable, str(HERE / "plain" / f"{case}.py"),
+                    "plain": [sys.executable, str(HERE / "plain" / f"{script}.py"),
                               "--out", str(tmp / "plain"), "--threads", "1"]}
                 order = ["dgrun", "plain"] if r % 2 == 0 else ["plain", "dgrun"]
                 for which in order:
