@@ -38,6 +38,9 @@ def no_trial(n):
     (3e10, 2, 1, runtime.MachineLoad(0.2, 45.0), no_trial, 1, "CPU pressure 45%"),
     (3e10, 2, 1, runtime.MachineLoad(1.9, None), no_trial, 1, "load average 1.90"),
     (3e10, 2, 1, runtime.MachineLoad(1.9, 5.0), no_trial, 1, "load average"),
+    (3e10, 2, 1, runtime.MachineLoad(1.9, 5.0, running=2), no_trial, 1, "2 other tasks"),
+    # A load average left by a run that just ended, nothing running now: the CPUs are free.
+    (5e7, 2, 1, runtime.MachineLoad(1.9, 0.5, running=0), lambda n: (1.0, 0.6), 2, "1.67x"),
     (5e7, 2, 1, IDLE, lambda n: (1.0, 0.6), 2, "1.67x"),                 # idle, a real gain
     (5e7, 2, 1, IDLE, lambda n: (1.0, 0.95), 1, "under 1.15x"),          # no gain worth it
     (5e7, 2, 1, IDLE, None, 2, "2 free CPUs"),

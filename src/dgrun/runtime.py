@@ -73,9 +73,10 @@ class MachineLoad:
     """What the machine is doing besides this run, read once at its start."""
     average: float                 # 1-minute load average (runnable + waiting tasks)
     pressure: Optional[float]      # /proc/pressure/cpu some avg10 (%), None where unavailable
+    running: Optional[float] = None  # other tasks runnable right now (median of a few looks)
 
 
-def machine_load() -> MachineLoad:
+def machine_load(samples: int = 5) -> MachineLoad:
     pressure = None
     try:  # "some avg10=1.23 avg60=... total=..." (Linux >= 4.20 with PSI)
         first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
@@ -83,7 +84,15 @@ def machine_load() -> MachineLoad:
     except (OSError, IndexError, ValueError):
         pass
     average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return MachineLoad(average, pressure)
+    running = []
+    try:  # "0.52 0.58 0.59 3/467 12345": runnable tasks now / all tasks; one of them is this one
+        for k in range(samples):
+            running.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+            if k + 1 < samples:
+                time.sleep(0.01)
+    except (OSError, IndexError, ValueError):
+        running = []
+    return MachineLoad(average, pressure, sorted(running)[len(running) // 2] if running else None)
 
 
 def choose_threads(step_macs: float, *, cpus: int, parallel_jobs: int = 1,
@@ -103,11 +112,16 @@ def choose_threads(step_macs: float, *, cpus: int, parallel_jobs: int = 1,
     if load is not None:
         if load.pressure is not None and load.pressure >= BUSY_PRESSURE:
             return 1, f"a busy machine (CPU pressure {load.pressure:.0f}%)"
-        free = cpus - load.average  # other processes' runnable tasks take their CPUs
+        # Other processes' runnable tasks take their CPUs. The load average lags a minute (it
+        # still counts a run that just ended, e.g. the previous job of a sweep): the smaller of
+        # it and the tasks runnable right now.
+        taken = load.average if load.running is None else min(load.average, load.running)
+        free = cpus - taken
         if math.floor(free + 0.5) < share:
             share = max(1, math.floor(free + 0.5))
             if share == 1:
-                return 1, f"a busy machine (load average {load.average:.2f} on {cpus} CPUs)"
+                now = "" if load.running is None else f", {load.running} other tasks running"
+                return 1, f"a busy machine (load average {load.average:.2f}{now}, {cpus} CPUs)"
     if trial is not None and step_macs < TRIAL_MAX_MACS:
         one, many = trial(share)
         if many * TRIAL_GAIN > one:
