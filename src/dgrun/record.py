@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from dgrun import checkpoint
-from dgrun.files import write_json
+from dgrun.files import fsync_file, write_json
 from dgrun.metrics import MetricsFile, versions
 from dgrun.plots import divergence_step, plot_run
 from dgrun.preemption import PreemptionGuard
@@ -115,14 +115,17 @@ class Recorder:
             self.record.claim(checkpoint.snapshot_path(self.record.checkpoints, state.step))
         checkpoint.save(payload, self.record.checkpoints,
                         snapshot_step=state.step if keep else None)
-        self.write_summary(state)
+        # The checkpoint's companions are made as durable as it (a power loss, not only a
+        # kill): the rows appended since the last one, and the summary that describes it.
+        fsync_file(self.record.metrics)
+        self.write_summary(state, fsync=True)
 
     def stop_requested(self) -> Optional[str]:
         return self.guard.signal_name
 
-    def write_summary(self, state: State) -> dict:
+    def write_summary(self, state: State, fsync: bool = False) -> dict:
         summary = summarize(state, self.facts, self.probes)
-        write_json(self.record.claim(self.record.summary), summary)
+        write_json(self.record.claim(self.record.summary), summary, fsync=fsync)
         return summary
 
     def finish(self, state: State, *, log_x: bool, title: str) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from dgrun.errors import UserError
+from dgrun.files import write_text
 
 MANIFEST = ".dgrun/manifest"
 LOCK = ".dgrun/lock"
@@ -44,6 +45,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._known: Optional[set[str]] = None
+        self._order: list[str] = []  # the manifest's lines, in the order they were noted
 
     # -------------------------------------------------------------- layout
     @property
@@ -100,20 +102,25 @@ class RunDir:
         return self.path / rel
 
     def _note(self, entries) -> None:
-        new = [e for e in entries if e not in self._manifest()]
+        known = self._manifest()
+        new = [e for e in entries if e not in known]
         if new:
+            # Rewritten whole, atomically: a kill mid-write never leaves half a line (the
+            # manifest is what `trainer.resume=false` trusts to remove only dgrun's files).
             manifest = self.path / MANIFEST
             manifest.parent.mkdir(parents=True, exist_ok=True)
-            with open(manifest, "a") as f:
-                f.writelines(e + "\n" for e in new)
-            self._known.update(new)
+            lines = self._order + new
+            write_text(manifest, "".join(e + "\n" for e in lines))
+            self._order = lines
+            known.update(new)
 
     def _manifest(self) -> set[str]:
         if self._known is None:
             try:
-                self._known = set((self.path / MANIFEST).read_text().splitlines())
+                self._order = (self.path / MANIFEST).read_text().splitlines()
             except FileNotFoundError:
-                self._known = set()
+                self._order = []
+            self._known = set(self._order)
         return self._known
 
     def owned(self) -> list[str]:
