@@ -116,7 +116,7 @@ def test_a_finished_run_missing_its_derived_files_gets_them_without_training(tmp
     again = train_here(run_dir, *QUICK)
     err = capsys.readouterr().err
     assert "repaired what was missing (summary.json, plots/accuracy.png, plots/loss.png)" in err
-    assert (run_dir / "plots" / "loss.png").is_file() and (run_dir / "plots" / "accuracy.png").is_file()
+    assert all((run_dir / "plots" / name).is_file() for name in ("loss.png", "accuracy.png"))
     summary = read_summary(run_dir)
     assert summary["status"] == first["status"] == again["status"] == "completed"
     assert summary["final"] == first["final"] and summary["steps"] == first["steps"]
@@ -128,14 +128,19 @@ def test_a_finished_run_missing_its_derived_files_gets_them_without_training(tmp
 
 
 def test_a_finished_run_whose_trackers_were_not_finished_finishes_them(tmp_path, capsys):
+    from dgrun.record import missing_derived
+
     run_dir = tmp_path / "run"
-    train_here(run_dir, *QUICK)
-    state = {"fake": {"last_step": 24}}  # a kill after the final checkpoint, before finish
+    train_here(run_dir, *QUICK, "logger=tensorboard")
+    state = json.loads((run_dir / "trackers.json").read_text())
+    assert state["tensorboard"]["finished"] is True
+    del state["tensorboard"]["finished"]  # a kill after the final checkpoint, before finish
     (run_dir / "trackers.json").write_text(json.dumps(state))
-    from dgrun.run import missing_derived
     assert missing_derived(RunDir(run_dir)) == ["the trackers' finish"]
-    (run_dir / "trackers.json").write_text(json.dumps({"fake": {"last_step": 24,
-                                                                "finished": True}}))
+    capsys.readouterr()
+    train_here(run_dir, *QUICK, "logger=tensorboard")
+    assert "repaired what was missing (the trackers' finish)" in capsys.readouterr().err
+    assert json.loads((run_dir / "trackers.json").read_text())["tensorboard"]["finished"]
     assert missing_derived(RunDir(run_dir)) == []
 
 

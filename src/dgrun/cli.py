@@ -156,8 +156,8 @@ def train_task(cfg) -> Optional[float]:
         # A full or read-only disk mid-run: what was written stays (the last checkpoint, the
         # rows), the record says failed if it could be written; one line, not a traceback.
         where = f" ({e.filename})" if e.filename else ""
-        print(f"dgrun: error: {run_dir}: cannot write{where}: {e.strerror or e}; the last "
-              "checkpoint is intact: free space (or fix the disk) and run the same command "
+        print(f"dgrun: error: {run_dir}: cannot write{where}: {e.strerror or e}; what was "
+              "written before is intact: free space (or fix the disk) and run the same command "
               "again to resume", file=sys.stderr)
         if multirun:
             raise

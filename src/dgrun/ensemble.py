@@ -1,6 +1,8 @@
-"""`trainer.ensemble=N`: what an ensemble adds to dgrun.run (which decides, holds, builds and
-records it like any run): its members, their stacked parameters, their restore into the
-stack, their recorders, the ensemble's summary. The runs `seed=S`, ..., `seed=S+N-1`, trained in one process.
+"""`trainer.ensemble=N`: the runs `seed=S`, ..., `seed=S+N-1`, trained in one process.
+
+What an ensemble adds to dgrun.run, which decides, holds, repairs and records its members like
+any run: the members, their stacked parameters and one optimizer, their restore into the
+stack, their recorders, the ensemble's summary (the loop: dgrun.ensemble_fit).
 
 Member k is the run `seed=S+k` (its own initialization, batch order, corruption draw, dropout
 and augmentation noise) and writes a complete run directory, `<run dir>/member_<k>/`, whose

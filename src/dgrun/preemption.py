@@ -2,8 +2,9 @@
 
 SIGTERM (scancel, Slurm's time limit), SIGINT (Ctrl-C), SIGUSR1/SIGUSR2 (submitit sends USR2
 before the time limit) all ask the loop to stop after the current step (the command then exits
-0, or 130 for Ctrl-C: dgrun.cli). A second Ctrl-C stops at once. Handlers that were installed before ours (submitit's requeue handler) are called after the
-checkpoint is written, so a cluster launcher still requeues the job.
+0, or 130 for Ctrl-C: dgrun.cli). A second Ctrl-C stops at once. Handlers that were installed
+before ours (submitit's requeue handler) are called after the checkpoint is written, so a
+cluster launcher still requeues the job (Ctrl-C is not forwarded: it is the user's).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 from dgrun import checkpoint
-from dgrun.files import fsync_file, write_json
+from dgrun.files import fsync_file, read_json, write_json
 from dgrun.metrics import MetricsFile, versions
 from dgrun.plots import divergence_step, plot_run
 from dgrun.preemption import PreemptionGuard
@@ -20,7 +20,7 @@ from dgrun.probes import Probe
 from dgrun.rundir import RunDir
 from dgrun.seeding import rng_state
 from dgrun.status import DIVERGED
-from dgrun.trackers import TrackerSet
+from dgrun.trackers import STATE_FILE, TrackerSet
 from dgrun.train import State
 
 log = logging.getLogger("dgrun")
@@ -143,3 +143,26 @@ class Recorder:
         self.sinks.log_images(written, state.step)
         self.sinks.finish(summary)
         return summary
+
+
+TRACKERS_UNFINISHED = "the trackers' finish"
+
+
+def missing_derived(record: RunDir) -> list[str]:
+    """What a finished run should have and does not: the files its last moments write."""
+    missing = []
+    try:
+        if not isinstance(read_json(record.summary), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        missing.append(record.summary.name)
+    plots = {"plots/loss.png", "plots/accuracy.png"} | {
+        e for e in record.owned() if e.startswith("plots/") and not e.endswith("/")}
+    missing += sorted(p for p in plots if not (record.path / p).is_file())
+    try:
+        state = read_json(record.path / STATE_FILE)
+        if any(isinstance(s, dict) and not s.get("finished") for s in state.values()):
+            missing.append(TRACKERS_UNFINISHED)
+    except (OSError, ValueError, AttributeError):
+        pass  # no trackers (or a damaged state file: nothing to continue)
+    return missing

@@ -35,11 +35,11 @@ from dgrun.config import RunConfig
 from dgrun.data import augment as augmentation
 from dgrun.data.bundle import Bundle
 from dgrun.ensemble_fit import fit as fit_members
-from dgrun.files import read_json, write_json
+from dgrun.files import write_json
 from dgrun.losses import LOSSES
 from dgrun.objectives import OBJECTIVES, Objective
 from dgrun.preemption import PreemptionGuard
-from dgrun.record import Facts, Recorder
+from dgrun.record import TRACKERS_UNFINISHED, Facts, Recorder, missing_derived
 from dgrun.resume import Decision, decide
 from dgrun.rundir import RunDir, RunLock, sweep_temporary
 from dgrun.seeding import seed_everything, set_rng_state
@@ -226,29 +226,6 @@ def _finished(cfg: RunConfig, record: RunDir, config: dict, setup: Setup,
     print(f"dgrun: {record.path} already finished: {decision.why}; repaired what was missing "
           f"({', '.join(missing)}) from its final checkpoint, without training", file=sys.stderr)
     return summary
-
-
-TRACKERS_UNFINISHED = "the trackers' finish"
-
-
-def missing_derived(record: RunDir) -> list[str]:
-    """What a finished run should have and does not: the files its last moments write."""
-    missing = []
-    try:
-        if not isinstance(read_json(record.summary), dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError):
-        missing.append(record.summary.name)
-    plots = {"plots/loss.png", "plots/accuracy.png"} | {
-        e for e in record.owned() if e.startswith("plots/") and not e.endswith("/")}
-    missing += sorted(p for p in plots if not (record.path / p).is_file())
-    try:
-        state = read_json(record.path / trackers.STATE_FILE)
-        if any(isinstance(s, dict) and not s.get("finished") for s in state.values()):
-            missing.append(TRACKERS_UNFINISHED)
-    except (OSError, ValueError, AttributeError):
-        pass  # no trackers (or a damaged state file: nothing to continue)
-    return missing
 
 
 def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision: Decision,

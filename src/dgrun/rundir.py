@@ -32,6 +32,11 @@ from typing import Optional
 from dgrun.errors import UserError
 from dgrun.files import write_text
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 MANIFEST = ".dgrun/manifest"
 LOCK = ".dgrun/lock"
 # Temporary files of writes a killed process left half-way: dgrun.files.write_atomic names
@@ -189,8 +194,8 @@ class RunLock:
         self._made: list[Path] = []
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
+        if fcntl is None:  # no POSIX locks (Windows): one writer is the user's to ensure
+            return self
         self._made = [p for p in (self.path.parent, self.run_dir) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -244,8 +249,8 @@ def holder(run_dir: Path) -> Optional[str]:
     Never call it on a directory this process holds: a POSIX lock is per process, and
     closing any descriptor of the file would release it.
     """
-    import fcntl
-
+    if fcntl is None:
+        return None
     path = Path(run_dir) / LOCK
     try:
         fd = os.open(path, os.O_RDONLY)
