@@ -81,6 +81,11 @@ def test_the_lock_dies_with_its_process_even_by_sigkill(tmp_path):
 def test_a_lock_on_a_new_directory_leaves_nothing_behind(tmp_path):
     with RunLock(tmp_path / "new"):
         assert (tmp_path / "new" / LOCK).exists()
+        # The same process cannot hold it twice (a POSIX lock would grant it, and drop both).
+        with pytest.raises(DirectoryHeld, match=f"this process \\(pid {os.getpid()}\\)"):
+            with RunLock(tmp_path / "new"):
+                pass
+        assert (tmp_path / "new" / LOCK).exists()
     assert not (tmp_path / "new").exists()
 
 
@@ -142,6 +147,23 @@ def test_a_finished_run_whose_trackers_were_not_finished_finishes_them(tmp_path,
     assert "repaired what was missing (the trackers' finish)" in capsys.readouterr().err
     assert json.loads((run_dir / "trackers.json").read_text())["tensorboard"]["finished"]
     assert missing_derived(RunDir(run_dir)) == []
+
+
+def test_an_ensembles_finished_member_is_repaired_like_a_run(tmp_path, capsys):
+    ens = tmp_path / "ens"
+    train_here(ens, "trainer.ensemble=2", *QUICK)
+    member = ens / "member_1"
+    first = read_summary(member)
+    (member / "plots" / "loss.png").unlink()
+    (member / "summary.json").unlink()
+    capsys.readouterr()
+    train_here(ens, "trainer.ensemble=2", *QUICK)
+    err = capsys.readouterr().err
+    assert f"{member} already finished" in err and "(summary.json, plots/loss.png)" in err
+    assert "member_0 already" not in err
+    again = read_summary(member)
+    assert again["final"] == first["final"] and again["ensemble"] == {"size": 2, "member": 1}
+    assert again["seed"] == first["seed"] == 1
 
 
 def test_a_summary_that_is_not_an_object_is_remade(tmp_path, capsys):

@@ -88,6 +88,11 @@ class Member:
         return not self.decision.finished
 
 
+def describe(m: Member, size: int) -> dict:
+    """What a member's summary.json says of its ensemble."""
+    return {"size": size, "member": m.k}
+
+
 def member_path(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / f"member_{k}"
 
@@ -245,7 +250,7 @@ class _OptimizerSlice:
 def recorder(m: Member, facts: Facts, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
              guard: PreemptionGuard) -> Recorder:
     """Member k's hooks: its slices of the stack saved as a single run's checkpoint."""
-    facts.described["ensemble"] = {"size": len(stack.views), "member": m.k}
+    facts.described["ensemble"] = describe(m, len(stack.views))
     recorder = Recorder(m.record, facts, model=_ModelSlice(stack, m.k),
                         optimizer=_OptimizerSlice(parts.optimizer, stack, m.k),
                         scheduler=parts.scheduler, probes=m.probes,

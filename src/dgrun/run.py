@@ -127,9 +127,9 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     size = cfg.trainer.ensemble
     if size > 1:
         ensemble.check(cfg, run_dir)
-    held = [run_dir] + [ensemble.member_path(run_dir, k) for k in range(size if size > 1 else 0)]
+    members = [ensemble.member_path(run_dir, k) for k in range(size)] if size > 1 else []
     with contextlib.ExitStack() as locks:
-        for path in held:  # before the decision: nobody else may write while it is made
+        for path in [run_dir, *members]:  # before any decision: one writer while it is made
             locks.enter_context(RunLock(path))
         setup = Setup(job_num, overrides, parallel_jobs)
         if size > 1:
@@ -213,8 +213,9 @@ def _run_one(cfg: RunConfig, run_dir: Path, config: dict, setup: Setup,
 
 
 def _finished(cfg: RunConfig, record: RunDir, config: dict, setup: Setup,
-              decision: Decision, quiet: bool = False) -> dict:
-    """A finished run: nothing to train; its derived files re-made if any is missing."""
+              decision: Decision, quiet: bool = False, described: Optional[dict] = None) -> dict:
+    """A finished run: nothing to train; its derived files re-made if any is missing
+    (`described`: what its summary says besides dgrun.assemble.describe, e.g. its ensemble)."""
     missing = missing_derived(record)
     if not missing or decision.payload is None:
         # On the terminal only: a run left as it was gets no new line in its log file either.
@@ -222,14 +223,15 @@ def _finished(cfg: RunConfig, record: RunDir, config: dict, setup: Setup,
             print(f"dgrun: {record.path} already finished: {decision.why}; nothing to do",
                   file=sys.stderr)
         return decision.summary
-    summary = repair(cfg, record, config, setup, decision, tracker=TRACKERS_UNFINISHED in missing)
+    summary = repair(cfg, record, config, setup, decision, tracker=TRACKERS_UNFINISHED in missing,
+                     described=described or {})
     print(f"dgrun: {record.path} already finished: {decision.why}; repaired what was missing "
           f"({', '.join(missing)}) from its final checkpoint, without training", file=sys.stderr)
     return summary
 
 
 def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision: Decision,
-           tracker: bool) -> dict:
+           tracker: bool, described: dict) -> dict:
     """Write a finished run's summary.json, plots (and its trackers' finish when `tracker`)
     again from its final checkpoint: the record of the last moments a kill took away."""
     device = setup.device(cfg)
@@ -242,6 +244,7 @@ def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision:
     facts = _facts(cfg, config, parts.bundle, parts.model, device, parts.plan.batch_size,
                    before.get("overrides", setup.overrides), decision, None)
     facts.resumed_at_steps = list(before.get("resumed_at_steps", []))
+    facts.described.update(described)
     if isinstance(before.get("wall_s"), (int, float)):
         facts.started = time.time() - before["wall_s"]
     sinks = trackers.build(cfg.logger) if tracker else trackers.TrackerSet({})
@@ -249,8 +252,8 @@ def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision:
         sinks.start(record.path, config, resume=True)
     recorder = _recorder(cfg, parts, record, facts, PreemptionGuard(),
                          progress.NoProgress(None, 0), sinks)
-    return recorder.finish(state, log_x=cfg.trainer.eval_schedule == "log", title=_title(cfg,
-                                                                                       parts))
+    return recorder.finish(state, log_x=cfg.trainer.eval_schedule == "log",
+                           title=_title(cfg, parts))
 
 
 def _title(cfg: RunConfig, parts: "Parts") -> str:
@@ -324,7 +327,8 @@ def _run_ensemble(cfg: RunConfig, run_dir: Path, config: dict, setup: Setup,
     for m in members:
         m.decision = _decide(m.record, m.config, m.cfg)
     if not any(m.trains for m in members):
-        summaries = [_finished(m.cfg, m.record, m.config, setup, m.decision, quiet=True)
+        summaries = [_finished(m.cfg, m.record, m.config, setup, m.decision, quiet=True,
+                               described={"ensemble": ensemble.describe(m, len(members))})
                      for m in members]
         print(f"dgrun: {run_dir}: all {len(members)} members already finished; nothing to do",
               file=sys.stderr)

@@ -179,6 +179,9 @@ def _holder_text(path: Path) -> str:
         return "holder unknown"
 
 
+_HELD_HERE: set[str] = set()  # the directories this process holds
+
+
 class RunLock:
     """`with RunLock(dir):` the one writer of `dir`, or DirectoryHeld naming the holder.
 
@@ -196,6 +199,12 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         if fcntl is None:  # no POSIX locks (Windows): one writer is the user's to ensure
             return self
+        # POSIX locks belong to the process: a second RunLock here would be granted, and its
+        # release would drop the first. So this process keeps its own list.
+        key = os.path.realpath(self.run_dir)
+        if key in _HELD_HERE:
+            raise DirectoryHeld(f"{self.run_dir} is in use by this process (pid {os.getpid()})",
+                                "use another hydra.run.dir")
         self._made = [p for p in (self.path.parent, self.run_dir) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -224,6 +233,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
+        _HELD_HERE.add(key)
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -232,6 +242,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+            _HELD_HERE.discard(os.path.realpath(self.run_dir))
             self._remove_made()
         return False
 
