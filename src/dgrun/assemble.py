@@ -14,7 +14,7 @@ import torch
 
 from dgrun import trackers
 from dgrun.config import RunConfig, TrainerConfig
-from dgrun.data import pipeline
+from dgrun.data import pipeline, subset
 from dgrun.data.bundle import Bundle
 from dgrun.rundir import RunDir
 from dgrun.train import Plan
@@ -58,11 +58,14 @@ def make_plan(t: TrainerConfig, n_train: int, seed: int) -> tuple[Plan, set[int]
 
 def load_data(cfg: RunConfig, device: torch.device) -> Bundle:
     """The run's data on its device: corrupted once, drawn from `cfg.corruption_seed` (the
-    run's seed unless corruption.seed fixes it). An ensemble member calls it with its own
-    config (seed S+k): a per-member choice of data belongs here too."""
+    run's seed unless corruption.seed fixes it), and its training subset (`cfg.subset_seed`).
+    An ensemble member calls it with its own config (seed S+k), so each member's corruption
+    and subset are those of its separate run."""
     return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
+                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                         subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                         ).to(device)
 
 
 def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, Any]:
@@ -78,7 +81,16 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, 
         "input_shape": list(bundle.meta.input_shape),
         "train_size": len(bundle.train), "test_size": len(bundle.test),
         "device": str(device), "threads": torch.get_num_threads(),
+        **describe_subset(cfg, bundle),
     }
+
+
+def describe_subset(cfg: RunConfig, bundle: Bundle) -> dict[str, Any]:
+    """summary.json's `subset` (its rows: subset.npy), when the run trains on one."""
+    if bundle.subset is None:
+        return {}
+    return {"subset": {"fraction": cfg.subset.fraction, "seed": cfg.subset_seed,
+                       "size": len(bundle.subset), "file": subset.RECORD_FILE}}
 
 
 # Where each tracker writes inside the run directory by default (MLflow: unless it is given

@@ -169,6 +169,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
     stack, one optimizer and schedule over it, and the plan."""
     # One copy of the data unless the corruption is drawn from each member's seed.
     per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
+    per_member |= cfg.subset.fraction is not None and cfg.subset.seed is None  # own subsets
     shared = None if per_member else load_data(cfg, device)
     modules = []
     for m in members:

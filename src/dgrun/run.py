@@ -178,7 +178,7 @@ def _facts(cfg: RunConfig, config: dict, bundle: Bundle, model, device: torch.de
            start: Optional[int]) -> Facts:
     facts = Facts(described=describe(cfg, bundle, device), params=models.count_params(model),
                   config=config, overrides=overrides, train_size=len(bundle.train),
-                  batch_size=batch_size)
+                  batch_size=batch_size, subset_rows=bundle.subset)
     before = decision.summary or {}
     if start is not None:  # resumed or continued at `start`
         facts.resumed_at_steps = list(before.get("resumed_at_steps", [])) + [start]
