@@ -61,11 +61,13 @@ def divergence_step(rows: list[dict], keys: Sequence[str] = ("train_loss", "test
 
 def looks_log_spaced(steps: Sequence[float]) -> bool:
     """Whether evaluation steps grow geometrically (dgrun's log schedule) rather than by a
-    constant stride: the last gap is at least ten times the first."""
+    constant stride: the widest gap is at least ten times the first. (Not the last gap: a run
+    also evaluates at its final step, which can fall just after a log-spaced one.)"""
     positive = sorted({s for s in steps if s > 0})
     if len(positive) < 3:
         return False
-    return positive[-1] - positive[-2] >= 10 * (positive[1] - positive[0])
+    gaps = [b - a for a, b in zip(positive, positive[1:])]
+    return max(gaps) >= 10 * gaps[0]
 
 
 def draw_marks(ax, marks: Sequence[Mark], log_x: bool = False) -> None:
