@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dgrun.files import write_figure
 from dgrun.metrics import number
 
 Mark = tuple[int, str]
@@ -30,6 +31,8 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
 # Marks take colours the curves (matplotlib's default cycle C0-C3) do not use, so a vertical
 # line is never mistaken for a curve; past eight marks the colours repeat with a new dash.
 MARK_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
@@ -141,6 +144,8 @@ def save_figure(fig, path: Path, margins: Optional[dict] = None) -> Path:
         fig.tight_layout()
     else:
         fig.subplots_adjust(**margins)
-    fig.savefig(path)
-    pyplot().close(fig)
+    try:
+        write_figure(fig, path)
+    finally:
+        pyplot().close(fig)
     return path
