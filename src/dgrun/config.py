@@ -170,6 +170,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "optimizer.momentum": (0.0, 1.0, True, False),
     "scheduler.gamma": (0.0, 1.0, False, True),
     "scheduler.warmup_steps": (0, math.inf, True, False),
+    "scheduler.epoch_steps": (1, math.inf, True, False),
     "scheduler.min_lr_factor": (0.0, 1.0, True, True),
     "model.dropout": (0.0, 1.0, True, False),
     "model.width": (1, math.inf, True, False),
