@@ -62,7 +62,7 @@ def data_meta(cfg):
     if "shape" in tags:
         meta = Meta(name, tags["modality"], tuple(tags["shape"]), tags["classes"])
     else:
-        meta = DATASETS.build(name, **cfg.dataset.options).meta
+        meta = DATASETS.build(name, **cfg.dataset_options).meta
     crop = cfg.pipeline.get("center_crop")
     validate_pipeline(**cfg.pipeline)
     if crop is not None and meta.modality == "image":

@@ -128,6 +128,9 @@ def register_schemas() -> None:
 PIPELINE_KEYS = ("name", "preprocess", "center_crop", "augment")
 
 
+# Dataset options that seed how the data are drawn or split; null means the run's `seed`.
+DATASET_SEEDS = ("seed", "split_seed")
+
 # Builder arguments that come from the data or the run, never from a config file.
 RESERVED = {"input_shape", "num_classes", "vocab_size", "steps_per_epoch", "total_steps"}
 
@@ -160,6 +163,18 @@ class RunConfig:
     @property
     def corruption_seed(self) -> int:
         return self.seed if self.corruption.seed is None else self.corruption.seed
+
+    @property
+    def dataset_options(self) -> dict[str, Any]:
+        """The dataset builder's options with a null seed option (`dataset.seed`,
+        `dataset.split_seed`) replaced by the run's seed: a seed sweep gives independent
+        replicates (data drawn, split, initialization, order) unless the dataset seed is pinned."""
+        return {key: self.seed if key in DATASET_SEEDS and value is None else value
+                for key, value in self.dataset.options.items()}
+
+    @property
+    def data_follows_seed(self) -> bool:
+        return any(self.dataset.options.get(key, 0) is None for key in DATASET_SEEDS)
 
 
 # Value ranges, checked before anything is built. (low, high, low_inclusive, high_inclusive)

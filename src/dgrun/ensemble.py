@@ -215,8 +215,9 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
 def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, Parts]:
     """Each member's data, model, objective and probes as its own run builds them, then the
     stack, one optimizer and schedule over it, and the plan."""
-    # One copy of the data unless the corruption is drawn from each member's seed.
-    per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
+    # One copy of the data unless the data or their corruption are drawn from each member's seed.
+    per_member = ((cfg.corruption.name != "none" and cfg.corruption.seed is None)
+                  or cfg.data_follows_seed)
     shared = None if per_member else _load(cfg, device)
     modules = []
     for m in members:
@@ -252,7 +253,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
 
 
 def _load(cfg: RunConfig, device: torch.device) -> Bundle:
-    return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+    return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                          apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
 

@@ -53,7 +53,7 @@ class ReopenedRun:
 
             cfg = self.cfg
             self._bundle = pipeline.load(
-                cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+                cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                 corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                 apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(self.device)
         return self._bundle

@@ -91,7 +91,7 @@ class Parts:
 
 
 def build(cfg: RunConfig, device: torch.device) -> Parts:
-    bundle = pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+    bundle = pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                            corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                            apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
     meta = bundle.meta
