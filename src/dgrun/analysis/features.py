@@ -1,7 +1,8 @@
 """Penultimate features over training: PCA / t-SNE views and linear-probe accuracy.
 
 The penultimate features are the input of the model's last nn.Linear (the one its forward pass
-calls last), caught with a forward hook, so any classifier with a linear head works unchanged.
+calls last), caught with a forward hook, so any classifier with a linear head works unchanged;
+a model whose head is a raw parameter (quadratic_mlp) says what they are with `penultimate(x)`.
 A linear probe (logistic regression fitted on train features, scored on test features) asks
 how linearly decodable the labels are at each checkpoint, apart from the head the model has.
 """
@@ -34,6 +35,14 @@ def penultimate_features(model: nn.Module, x: Tensor,
     with return_logits, also the (N, classes) logits of the same pass."""
     model.eval()
     device = model_device(model)
+    if callable(getattr(model, "penultimate", None)):
+        feats, logits = [], []
+        for s in batched(len(x), batch_size):
+            inputs = prepare(x[s].to(device))
+            feats.append(model.penultimate(inputs).reshape(len(inputs), -1).float())
+            logits.append(model(inputs).float())
+        out = torch.cat(feats)
+        return (out, torch.cat(logits)) if return_logits else out
     _, head = last_module_called(model, prepare(x[:1].to(device)), nn.Linear)
     caught: list[Tensor] = []
     hook = head.register_forward_hook(lambda m, inputs, out: caught.append(inputs[0]))
