@@ -48,10 +48,16 @@ def _transitions(found: dict, summary: dict) -> Optional[str]:
     events = found.get("events") or []
     if not events:
         return "transitions: none detected"
-    shown = [f"{_name(e['metric'])} {_value(e['metric'], e['before'])} -> "
-             f"{_value(e['metric'], e['after'])} at step {e['step']}" for e in events[:4]]
+    shown = [f"{event_text(e)} at step {e['step']}" for e in events[:4]]
     more = f" (+{len(events) - 4} more)" if len(events) > 4 else ""
     return f"transitions: {'; '.join(shown)}{more}"
+
+
+def event_text(event: dict) -> str:
+    """A detected transition in the column's own units: "train_loss 0.87 -> 9e-05"."""
+    metric = event["metric"]
+    return (f"{_name(metric)} {_value(metric, event['before'])} -> "
+            f"{_value(metric, event['after'])}")
 
 
 def _name(metric: str) -> str:
