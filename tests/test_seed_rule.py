@@ -29,7 +29,8 @@ def composer():
 def test_every_dataset_seed_follows_the_run_seed_unless_pinned(composer):
     seeded = []
     for path in sorted((config_dir() / "dataset").glob("*.yaml")):
-        model = "model=transformer" if DATASETS.tags(path.stem)["modality"] == "tokens" else "model=mlp"
+        tokens = DATASETS.tags(path.stem)["modality"] == "tokens"
+        model = "model=transformer" if tokens else "model=mlp"
         cfg = composer(f"dataset={path.stem}", model, "seed=7")
         for key in DATASET_SEEDS:
             if key in cfg.dataset.options:

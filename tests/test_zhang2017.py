@@ -46,10 +46,12 @@ def test_the_lr_decays_per_paper_epoch_on_any_data():
     register_schemas()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        options = from_hydra(compose("config", overrides=["phenomenon=rethinking"])).scheduler.options
+        cfg = from_hydra(compose("config", overrides=["phenomenon=rethinking"]))
+    options = cfg.scheduler.options
     GlobalHydra.instance().clear()
-    cifar = optim.SCHEDULERS.build("exponential", steps_per_epoch=391, total_steps=None, **options)
-    digits = optim.SCHEDULERS.build("exponential", steps_per_epoch=12, total_steps=None, **options)
+    build = optim.SCHEDULERS.build
+    cifar = build("exponential", steps_per_epoch=391, total_steps=None, **options)
+    digits = build("exponential", steps_per_epoch=12, total_steps=None, **options)
     assert [cifar(391 * e) for e in range(4)] == [0.95 ** e for e in range(4)]
     assert cifar(390) == 1.0 and digits(390) == 1.0 and digits(391 * 3 + 5) == 0.95 ** 3
 

@@ -60,14 +60,16 @@ def divergence_step(rows: list[dict], keys: Sequence[str] = ("train_loss", "test
 
 def looks_log_spaced(steps: Sequence[float]) -> bool:
     """Whether evaluation steps grow geometrically (dgrun's log schedule) rather than by a
-    constant stride: the typical gap of the later half is at least ten times the first gap
-    (typical, so the run's last row, off the schedule at its budget, does not decide)."""
+    constant stride: the median gap of the later half is at least three times that of the
+    first half (medians, so the run's last row, off the schedule at its budget, does not
+    decide)."""
     positive = sorted({s for s in steps if s > 0})
-    if len(positive) < 3:
+    if len(positive) < 4:
         return False
     gaps = [b - a for a, b in zip(positive, positive[1:])]
-    later = sorted(gaps[len(gaps) // 2:])
-    return later[len(later) // 2] >= 10 * gaps[0]
+    half = len(gaps) // 2
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    return median(gaps[half:]) >= 3 * median(gaps[:half])
 
 
 # Marks closer than this to an event's first mark join it: a twentieth of a linear x axis, a

@@ -75,7 +75,8 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(
         prog="dgrun analyze",
-        usage="%(prog)s [-h] [--device DEVICE] RUN_DIR WHAT [OPTION=VALUE ...]", description="Analyses of a run from its directory: writes "
+        usage="%(prog)s [-h] [--device DEVICE] RUN_DIR WHAT [OPTION=VALUE ...]",
+        description="Analyses of a run from its directory: writes "
         "RUN_DIR/analysis/WHAT/ (CSV tables, PNG figures, summary.json).",
         epilog="WHAT: " + ", ".join(ANALYSES.names()) + ". Options per analysis: "
         "src/dgrun/analysis/README.md, or a wrong one lists them.")

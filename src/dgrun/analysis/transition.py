@@ -313,7 +313,8 @@ def plot_bias(result: Result, out_dir) -> list:
         ax.set_ylabel("test group")
         ax.set_title(f"influence {title}", fontsize=10)
     fig.suptitle(f"{s['method']} influence on each test group, by training group (mean over "
-                 f"the test group's rows)\nworst test group {name(s['worst_test_group'])}: accuracy "
+                 f"the test group's rows)\nworst test group {name(s['worst_test_group'])}: "
+                 f"accuracy "
                  f"{s['worst_group_accuracy']:.2f}", fontsize=10)
     fig.tight_layout()
     return [save(fig, out_dir, "influence_by_group")]
