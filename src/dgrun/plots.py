@@ -21,8 +21,8 @@ from dgrun.metrics import number  # noqa: E402
 Mark = tuple[int, str]
 # Marks take colours the curves (matplotlib's default cycle C0-C3) do not use, so a vertical
 # line is never mistaken for a curve; past eight marks the colours repeat with a new dash.
-MARK_COLOURS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
-                "#393b79")
+MARK_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79",
+                "#637939")  # C4-C9 and two darker ones: C3 (red) draws corrupted rows
 MARK_DASHES = ("--", "-.", ":")
 
 
