@@ -142,7 +142,7 @@ def plot_color(result: Result, out_dir) -> list:
     ax2.set_ylabel("recall of a colour-only classifier")
     ax2.set_title(f"Colour alone, fitted on train: {s['accuracy']:.0%} accuracy on "
                   f"{s['scored_on']}", fontsize=10)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     paths = [save(fig, out_dir, "color_by_class")]
 
     bins = int(hist["bin"].max()) + 1
