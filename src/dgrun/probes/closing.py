@@ -119,7 +119,6 @@ def _robustness(found: dict, summary: dict) -> Optional[str]:
 
 
 def _eps(eps) -> str:
-    if not isinstance(eps, (int, float)):
-        return ""
-    grey = eps * 255
-    return f" at eps {round(grey)}/255" if abs(grey - round(grey)) < 1e-6 else f" at eps {eps:.3g}"
+    from dgrun.probes.robustness import eps_text
+
+    return f" at eps {eps_text(eps)}" if isinstance(eps, (int, float)) else ""

@@ -117,7 +117,7 @@ class RobustnessProbe(Probe):
         per_name = sorted({k for r in measured for k in r if k.startswith("corruption_acc_")})
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=120, sharex=True)
         attack = ("adversarial" if self.spec is None else
-                  f"{self.spec.kind.upper()} {self.spec.norm}, eps {_eps(self.spec.eps)}")
+                  f"{self.spec.kind.upper()} {self.spec.norm}, eps {eps_text(self.spec.eps)}")
         for key, label in (("test_acc", "clean test"), ("corruption_acc",
                                                         f"corrupted (mean of {len(per_name)})"),
                            ("adv_acc", attack)):
@@ -154,7 +154,8 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _eps(eps: float) -> str:
+def eps_text(eps: float) -> str:
+    """A pixel-space budget as people write it: 8/255 when it is a whole number of grey levels."""
     grey = eps * 255
     return f"{round(grey)}/255" if abs(grey - round(grey)) < 1e-6 else f"{eps:.3g}"
 
