@@ -2,6 +2,7 @@
 
     python benchmarks/ensemble.py [--sizes 1,2,4,8,16,32,64] [--steps 120] [--threads 1]
                                   [--device cpu|cuda] [--max-sequential K] [--out FILE]
+                                  [--set KEY=VALUE ...]
 
 dgrun's default job (MLP 1x512 on sklearn digits, batch 128, SGD lr 0.01) with a fixed step
 budget (trainer.max_steps=--steps, no stop at the threshold; evaluations every epoch, a
@@ -15,7 +16,9 @@ Both write complete run directories (metrics, summaries, checkpoints, plots) int
 folder. `wall` is the whole call (data, build, training, evaluations, checkpoints, plots);
 `train` is the training clock the runs record (summary time_s: evaluation and checkpoints
 excluded; for the ensemble the one shared clock). `--max-sequential K` times only K sequential
-runs for each N > K and scales them by N/K (marked in the output).
+runs for each N > K and scales them by N/K (marked in the output). `--set` adds overrides to
+both, e.g. `--set dataset.subset_fraction=0.5` for N subset models (each seed its own subset,
+the memorization and LDS setting).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-sequential", type=int, default=None,
                    help="time at most this many sequential runs per size, scaled to N")
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override for every run (repeatable)")
     return p.parse_args(argv)
 
 
@@ -61,9 +66,10 @@ def main(argv=None) -> int:
     register_schemas()
     base = [f"threads={args.threads}", f"device={args.device}", "trainer.progress=none",
             "quiet=true", f"trainer.max_steps={args.steps}", "trainer.max_epochs=null",
-            "trainer.stop_at_interpolation=false"]
+            "trainer.stop_at_interpolation=false", *args.overrides]
+    job_name = "mlp1 on digits (default job), batch 128, sgd lr 0.01"
     common = {
-        "job": "mlp1 on digits (default job), batch 128, sgd lr 0.01", "steps": args.steps,
+        "job": job_name + "".join(f", {o}" for o in args.overrides), "steps": args.steps,
         "threads": args.threads, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),

@@ -572,7 +572,8 @@ def test_dynamics_marks_the_summary_steps(tmp_path):
 
 def test_registry_names():
     assert ANALYSES.names() == ["attention", "attribution", "bias", "cartography", "color",
-                                "dynamics", "features", "gradcam", "robustness", "transition"]
+                                "dynamics", "features", "gradcam", "influence", "memorization",
+                                "robustness", "transition"]
     assert all(callable(ANALYSES.tags(n)["plot"]) for n in ANALYSES.names())
 
 

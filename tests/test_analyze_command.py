@@ -60,3 +60,134 @@ def test_analyze_errors_are_one_line(noisy_run, tmp_path, capsys):
     train_here(untracked, "trainer.max_epochs=2", *FAST)
     code, _, err = cli_here(capsys, "analyze", str(untracked), "cartography")
     assert code == 2 and "trainer.track_examples=true" in err
+
+
+# ---------------------------------------------------------------- a run that is still writing
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory):
+    """A checkpoint every epoch, each kept: last.pt, previous.pt and step_* for 12, 24, 36."""
+    run_dir = tmp_path_factory.mktemp("snapshots") / "run"
+    train_here(run_dir, "trainer.max_epochs=3", "trainer.checkpoint_every=1",
+               "trainer.snapshots=every", *FAST)
+    return run_dir
+
+
+def test_analyze_reads_each_checkpoint_once_and_labels_it_with_that_reads_step(
+        snapshot_run, tmp_path, monkeypatch):
+    """A live run replaces last.pt between any two reads; here every read after the first
+    returns an older checkpoint. The step must come from the read that gave the weights."""
+    import shutil
+
+    import torch
+
+    from dgrun import checkpoint
+    from dgrun.analysis.command import artifacts
+    from dgrun.reopen import reopen
+
+    kept = snapshot_run / "checkpoints"
+    truth = {s: checkpoint.load_file(kept / f"step_{s:08d}.pt")["model"] for s in (12, 24, 36)}
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    for step in (24, 36):  # as with snapshots=log: last.pt and previous.pt hold the only copies
+        (run / "checkpoints" / f"step_{step:08d}.pt").unlink()
+    real_load, reads = checkpoint.load_file, {}
+
+    def rotating_load(path, map_location="cpu"):
+        reads[path.name] = reads.get(path.name, 0) + 1
+        if path.name == "last.pt" and reads[path.name] > 1:
+            return real_load(kept / "step_00000012.pt", map_location)
+        return real_load(path, map_location)
+
+    monkeypatch.setattr(checkpoint, "load_file", rotating_load)
+    loaded = artifacts(reopen(run)).checkpoints
+    assert [step for step, _ in loaded] == [12, 24, 36]
+    assert max(reads.values()) == 1, reads
+    for step, state in loaded:
+        assert all(torch.equal(state[k], truth[step][k]) for k in state), step
+
+
+def test_a_checkpoint_that_vanishes_between_listing_and_reading_is_skipped_with_a_note(
+        snapshot_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dgrun import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(snapshot_run, run)
+    real_candidates = checkpoint.candidates
+
+    def listing_then_rotation(directory):
+        files = real_candidates(directory)
+        for name in ("previous.pt", "step_00000024.pt"):  # the run moved on meanwhile
+            (directory / name).unlink()
+        return files
+
+    monkeypatch.setattr(checkpoint, "candidates", listing_then_rotation)
+    code, out, err = cli_here(capsys, "analyze", str(run), "dynamics")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("dgrun: note:")]
+    assert len(notes) == 2 and all("vanished" in line for line in notes), err
+    assert len(err.strip().splitlines()) == 2 and "step_00000024.pt" in err
+    assert (run / "analysis" / "dynamics" / "dynamics.png").is_file()
+
+
+# ---------------------------------------------------------------- options, checked like config keys
+@pytest.mark.parametrize("args,message", [
+    (["attribution", "top_k=abc"], "top_k='abc' is not a whole number; set top_k to a whole"),
+    (["attribution", "top_k=-3"], "top_k=-3 is out of range [1, inf)"),
+    (["features", "num_test=0"], "num_test=0 is out of range [1, inf)"),
+    (["cartography", "late_quantile=abc"], "late_quantile='abc' is not a number"),
+    (["cartography", "late_quantile=1.5"], "late_quantile=1.5 is out of range [0.0, 1.0]"),
+    (["features", "tsne=maybe"], "tsne='maybe' is not true/false"),
+    (["robustness", "severities=[1,7]"], "severities=7 is out of range [1, 5]"),
+    (["attribution", "topk=3"], "has no option 'topk'; did you mean top_k?"),
+])
+def test_analysis_options_are_type_and_range_checked_in_one_line(args, message, snapshot_run,
+                                                                 capsys):
+    code, _, err = cli_here(capsys, "analyze", str(snapshot_run), *args)
+    assert code == 2 and err.startswith("dgrun: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (snapshot_run / "analysis" / args[0]).exists()  # refused before any work
+
+
+def test_every_analysis_declares_typed_options_the_checker_reads():
+    """Each option's default passes its own declared type and range, and values arrive typed:
+    YAML's text `1e-3` as a float, one name where a list is declared as a list."""
+    import inspect
+
+    from dgrun.analysis import ANALYSES
+    from dgrun.analysis.options import check
+
+    for what in ANALYSES.names():
+        adapter = ANALYSES.get(what)
+        defaults = {p.name: p.default for p in inspect.signature(adapter).parameters.values()
+                    if p.kind == p.KEYWORD_ONLY}
+        assert defaults, what
+        assert check(what, adapter, defaults).keys() == defaults.keys()
+    assert check("features", ANALYSES.get("features"), {"probe_C": "1e-3", "num_test": 5.0}) == \
+        {"probe_C": 0.001, "num_test": 5}
+    assert check("attribution", ANALYSES.get("attribution"), {"methods": "trak"}) == \
+        {"methods": ["trak"]}
+
+
+# ---------------------------------------------------------------- runs you cannot write to
+def test_analyze_out_writes_elsewhere_and_an_unwritable_run_is_one_line(snapshot_run, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        shutil.copytree(snapshot_run, sweep / job, ignore=shutil.ignore_patterns("analysis"))
+        (sweep / job / "analysis").write_text("")  # what a read-only run is to mkdir
+    code, _, err = cli_here(capsys, "analyze", str(sweep), "dynamics")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(sweep / "0" / "analysis") in err and "pass --out DIR" in err
+
+    out = tmp_path / "elsewhere"
+    code, stdout, err = cli_here(capsys, "analyze", str(sweep), "dynamics", "--out", str(out))
+    assert code == 0, err
+    for job in ("0", "1"):
+        assert (out / job / "dynamics" / "dynamics.png").stat().st_size > 0
+        assert (sweep / job / "analysis").is_file()  # the runs untouched
+    code, _, err = cli_here(capsys, "analyze", str(sweep / "1"), "dynamics", "--out", str(out))
+    assert code == 0 and (out / "dynamics" / "curves.csv").is_file(), err

@@ -70,6 +70,8 @@ def test_help_cfg_info_and_completion_behave_like_hydra(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["model=mlp5"], "unknown model 'mlp5'; choose one of: alexnet"),
     (["trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz'; did you mean trainer.max_steps?"),
+    (["+trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz'; did you mean trainer.max_steps?"),
+    (["+foo=bar"], "unknown config key 'foo'"),
     (["model.widht=3"], "did you mean model.width?"),
     (["corruption.prob=1.5"], "corruption.prob=1.5 is out of range [0.0, 1.0]"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is out of range"),

@@ -103,6 +103,27 @@ def test_experiments_and_phenomena_compose(composer):
         from_hydra(composer(f"phenomenon={name}"))
 
 
+@pytest.mark.parametrize("override,message", [
+    ("+foo=bar", "unknown config key 'foo'"),
+    ("+seeed=1", "unknown config key 'seeed'; did you mean seed?"),
+    ("+trainer.max_stepz=3", "unknown config key 'trainer.max_stepz'; did you mean "
+                             "trainer.max_steps?"),
+    ("+corruption.probb=0.5", "unknown config key 'corruption.probb'; did you mean "
+                              "corruption.prob?"),
+    ("+phenomenon.notes=x", "unknown config key 'phenomenon.notes'"),
+])
+def test_keys_added_with_plus_are_checked_against_the_schema(composer, override, message):
+    with pytest.raises(UserError, match=message.replace("?", r"\?")):
+        from_hydra(composer(override))
+
+
+def test_the_open_mappings_still_take_added_keys(composer):
+    run = from_hydra(composer("+probes.transitions={}", "+logger.tensorboard={}",
+                              "++model.dropout=0.1", "+trainer={}"))
+    assert [p.name for p in run.probes] == ["transitions"] and "tensorboard" in run.logger
+    assert run.model.options["dropout"] == 0.1
+
+
 def test_schema_types_sweep_values(composer):
     run = from_hydra(composer("corruption=partial_labels", "corruption.prob=0"))
     assert isinstance(run.corruption.prob, float)

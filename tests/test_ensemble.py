@@ -106,6 +106,15 @@ def fitted(job, tmp_path_factory) -> Path:
     return ens
 
 
+def test_a_time_budget_ending_on_an_evaluation_step_records_that_step_once(job, tmp_path):
+    ens = tmp_path / "ens"
+    train(job, ens, "trainer.ensemble=2", "trainer.max_epochs=null", "trainer.max_time_s=1e-9",
+          "trainer.unit=step", "trainer.eval_every=1")
+    for k in range(2):
+        assert read_summary(ens / f"member_{k}")["stop_reason"] == "max_time_s"
+        assert [int(r["step"]) for r in read_metrics(ens / f"member_{k}")] == [0, 1]
+
+
 def test_members_stop_on_their_own_as_separate_runs_do(job, fitted, tmp_path):
     steps = compare(job, fitted, tmp_path, FIT)
     assert len(steps) == 2, "the members were meant to stop at different steps"

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from dgrun import report, report_figures
 from dgrun.callbacks import ReportCallback
+from dgrun.errors import UserError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -145,14 +146,35 @@ def test_table_has_every_run_with_typed_swept_values(sweep):
     assert report.swept_columns(table, ["corruption", "corruption.prob", "seed"]) == ["prob"]
 
 
-def test_unreadable_summary_is_listed_not_fatal(tmp_path):
+def test_a_damaged_summary_is_refused_naming_the_file(tmp_path):
     run = make_run(tmp_path, "0", prob=0.0, seed=0)
     (run / "summary.json").write_text("{")
-    row = table_of(tmp_path).iloc[0]
-    assert row["status"] == "unknown" and "summary.json unreadable" in row["error"]
+    with pytest.raises(UserError, match=r"summary.json is damaged: not JSON .*move it aside"):
+        table_of(tmp_path)
 
 
 # ---------------------------------------------------------------- the command
+def test_a_report_that_cannot_be_written_is_one_line_and_out_writes_elsewhere(tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    run = make_run(tmp_path / "sweep", "0", prob=0.0, seed=0)
+    (tmp_path / "sweep" / "report").write_text("")  # a file where the folder would go
+    assert report.main([str(tmp_path / "sweep"), "--no-figures"]) == 2
+    err = one_line_error(capsys)
+    assert str(tmp_path / "sweep" / "report") in err and "pass --out DIR" in err
+
+    def read_only(frame, path=None, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_csv", read_only)
+        assert report.main([str(run), "--out", str(tmp_path / "ro")]) == 2
+    assert "Read-only file system; choose another --out DIR" in one_line_error(capsys)
+    assert report.main([str(run), "--out", str(tmp_path / "out"), "--no-figures"]) == 0
+    assert (tmp_path / "out" / "runs.csv").is_file()
+
+
 def test_report_writes_csv_figures_and_lists_incomplete_runs(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     out = capsys.readouterr().out

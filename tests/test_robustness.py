@@ -84,6 +84,47 @@ def test_registry_names_and_grey_images():
         corrupt(torch.zeros(2, 3, 8, 8), "fog", 6)
 
 
+def _imports_within(package_dir, package: str) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports at its top level (a submodule imported
+    from the package counts as that submodule, not as the package's __init__)."""
+    import ast
+
+    modules = {p.stem for p in package_dir.glob("*.py")}
+    graph = {}
+    for module in modules:
+        tree = ast.parse((package_dir / f"{module}.py").read_text())
+        edges = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module == package:
+                edges |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+                edges.add(node.module.split(".")[-1])
+        graph[module] = edges - {"__init__"}
+    return graph
+
+
+def test_the_corruption_registry_is_its_own_room_with_no_import_circle():
+    from pathlib import Path
+
+    import dgrun.robustness as package
+
+    graph = _imports_within(Path(package.__file__).parent, "dgrun.robustness")
+    state: dict[str, str] = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for other in sorted(graph[module]):
+            assert state.get(other) != "open", f"import circle: {' -> '.join(path + [other])}"
+            if other not in state:
+                visit(other, path + [other])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert "registry" in graph["blur"] and "corruptions" not in graph["blur"]
+
+
 @pytest.mark.parametrize("shape", [(3, 3, 32, 32), (4, 1, 8, 8), (2, 3, 20, 28)])
 def test_every_corruption_keeps_shape_range_and_is_seeded(shape):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))

@@ -93,6 +93,8 @@ def test_a_bad_combination_fails_before_submission_with_dgruns_one_line(tmp_path
     (["--mem", "lots"], "--mem lots is not a Slurm memory size"),
     (["--", "-m", "seed=0,1"], "'-m' after --: only overrides go there"),
     (["--", "hydra.run.dir=/x"], "hydra.run.dir is set per task by dgrun slurm"),
+    (["--", "seed=0,1", "+probes.transitions={}\nseed=5"], "the override '+probes.transitions={}"
+                                                             "\\nseed=5' holds a line break"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path, fake_slurm, capsys, args, message):
     assert slurm_main("--sweep-dir", str(tmp_path / "s"), *args) == 2
@@ -129,6 +131,45 @@ def test_submission_writes_the_sweep_and_returns_at_once(tmp_path, fake_slurm, c
     assert slurm_main("--sweep-dir", str(sweep), "--", "seed=0,1,3") == 2
     assert "holds another sweep (task 2" in capsys.readouterr().err
     assert len((sweep / "slurm" / "jobs.txt").read_text().splitlines()) == 2
+
+
+def tasks_file_of(script: Path) -> Path:
+    """The task list an array script reads."""
+    return Path(shlex.split(re.search(r"^TASKS=(.*)$", script.read_text(), re.M).group(1))[0])
+
+
+def test_each_submission_writes_its_own_tasks_file_whole(tmp_path, fake_slurm):
+    """An array reads its task list while it runs (pending tasks start later): a resubmission
+    into the sweep dir writes a new file and leaves the earlier array's file as it was."""
+    sweep = tmp_path / "sweep"
+    assert slurm_main("--sweep-dir", str(sweep), "--", "seed=0,1", "trainer.max_epochs=3") == 0
+    first = tasks_file_of(sweep / "slurm" / "array.sbatch")
+    text = first.read_text()
+    assert first.parent == sweep / "slurm" and text.splitlines() == [
+        "0 seed=0 trainer.max_epochs=3", "1 seed=1 trainer.max_epochs=3"]
+    assert slurm_main("--sweep-dir", str(sweep), "--", "seed=0,1", "trainer.max_epochs=9") == 0
+    second = tasks_file_of(sweep / "slurm" / "array.sbatch")
+    assert second != first and first.read_text() == text
+    assert second.read_text().splitlines()[1] == "1 seed=1 trainer.max_epochs=9"
+    assert (sweep / "tasks.txt").read_text().splitlines()[1] == "seed=1 trainer.max_epochs=9"
+    assert not [p for p in (sweep / "slurm").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["", "1 seed=1", "0 'seed=0"])
+def test_a_task_whose_line_is_not_its_own_fails_loudly_and_trains_nothing(tmp_path, fake_slurm,
+                                                                          damage):
+    """A missing line, another task's line (a line break split an earlier one) or a line that
+    does not parse: before, the task trained the default config into its directory."""
+    sweep = tmp_path / "sweep"
+    assert slurm_main("--sweep-dir", str(sweep), "--", "seed=0,1") == 0
+    script = sweep / "slurm" / "array.sbatch"
+    tasks_file_of(script).write_text(damage + "\n" if damage else "")
+    env = {**os.environ, "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "0"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "job 77_0: line 1 of" in proc.stdout and "not training" in proc.stdout
+    assert not (sweep / "0").exists()
 
 
 def test_the_batch_script_forwards_usr2_checkpoints_and_requeues_itself(tmp_path, fake_slurm):

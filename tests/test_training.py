@@ -48,6 +48,19 @@ def test_wall_clock_budget_stops_the_run(train, tmp_path):
     assert 1.0 <= s["time_s"] < 3.0
 
 
+def test_a_time_budget_ending_on_an_evaluation_step_records_that_step_once(train, tmp_path):
+    """Every step evaluates and the budget is spent after the first: step 1 is measured by
+    the evaluation, and the stop must not measure (and log to the trackers) it again."""
+    from test_trackers import tb_scalars
+
+    s = train(tmp_path / "r", "trainer.max_epochs=null", "trainer.max_time_s=1e-9",
+              "trainer.unit=step", "trainer.eval_every=1", "logger=tensorboard")
+    assert s["status"] == "stopped" and s["stop_reason"] == "max_time_s" and s["steps"] == 1
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "r")] == [0, 1]
+    series, _ = tb_scalars(tmp_path / "r" / "tensorboard")
+    assert [step for step, _ in series["train_loss"]] == [0, 1]
+
+
 def test_keep_recording_after_interpolation(train, tmp_path):
     s = train(tmp_path / "r", "trainer.stop_at_interpolation=false", "trainer.max_epochs=250")
     assert s["status"] == "completed" and s["stop_reason"] == "max_epochs"

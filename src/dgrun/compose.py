@@ -7,7 +7,6 @@ Hydra's and OmegaConf's multi-line errors become one UserError line here.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from typing import Optional
@@ -42,11 +41,12 @@ def explain(error: BaseException, base_cfg=None) -> tuple[str, str]:
     m = re.search(r"Key '([^']+)' is not in struct", both) or re.search(
         r"Could not override '([^']+)'", text)
     if m:
+        from dgrun.config import unknown_key
+
         full = re.search(r"full_key: (\S+)", both)
         key = full.group(1) if full else m.group(1)
-        close = difflib.get_close_matches(key, _known_keys(base_cfg), n=1) if base_cfg else []
-        hint = f"did you mean {close[0]}? " if close else ""
-        return f"unknown config key '{key}'", f"{hint}`dgrun --cfg job` lists every key"
+        e = unknown_key(key, _known_keys(base_cfg) if base_cfg else [])
+        return e.problem, e.fix
     m = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", both)
     if m:
         full = re.search(r"full_key: (\S+)", both)

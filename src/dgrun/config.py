@@ -8,9 +8,10 @@ signature, checked here (unknown option, wrong type) together with value ranges.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,6 +76,13 @@ class CorruptionConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """`dataset.subset_fraction` / `dataset.subset_seed` (dgrun.data.subset)."""
+    fraction: Optional[float] = None     # null: the whole training split
+    seed: Optional[int] = None           # null: the run's seed (each ensemble member its own)
+
+
+@dataclass
 class RootSchema:
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -126,6 +134,8 @@ def register_schemas() -> None:
 
 # Keys of the dataset section that the data pipeline consumes; the rest go to the loader.
 PIPELINE_KEYS = ("name", "preprocess", "center_crop", "augment")
+# ... and the subset keys, which conf/config.yaml gives every dataset (RunConfig.subset).
+SUBSET_KEYS = ("subset_fraction", "subset_seed")
 
 
 # Dataset options that seed how the data are drawn or split; null means the run's `seed`.
@@ -159,6 +169,7 @@ class RunConfig:
     objective: Component
     logger: dict[str, dict[str, Any]]
     trainer: TrainerConfig
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
 
     @property
     def corruption_seed(self) -> int:
@@ -176,10 +187,15 @@ class RunConfig:
     def data_follows_seed(self) -> bool:
         return any(self.dataset.options.get(key, 0) is None for key in DATASET_SEEDS)
 
+    @property
+    def subset_seed(self) -> int:
+        return self.seed if self.subset.seed is None else self.subset.seed
+
 
 # Value ranges, checked before anything is built. (low, high, low_inclusive, high_inclusive)
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "corruption.prob": (0.0, 1.0, True, True),
+    "dataset.subset_fraction": (0.0, 1.0, False, True),
     "optimizer.lr": (0.0, math.inf, False, False),
     "optimizer.weight_decay": (0.0, math.inf, True, False),
     "optimizer.momentum": (0.0, 1.0, True, False),
@@ -220,14 +236,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_range(key: str, value: Any) -> None:
-    if key not in RANGES or value is None:
+    if key in RANGES:
+        check_range(key, value, RANGES[key])
+
+
+def check_range(key: str, value: Any, bounds: tuple[float, float, bool, bool]) -> None:
+    """`value` within (low, high, low_inclusive, high_inclusive), or the one-line error."""
+    if value is None:
         return
-    lo, hi, lo_in, hi_in = RANGES[key]
+    lo, hi, lo_in, hi_in = bounds
     ok = (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
     if not ok:
         left, right = "[" if lo_in else "(", "]" if hi_in else ")"
         raise UserError(f"{key}={value} is out of range {left}{lo}, {hi}{right}",
                         f"set {key} to a value in that range")
+
+
+def unknown_key(key: str, known: list[str]) -> UserError:
+    """The one line for a key no schema has, with the nearest known key."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UserError(f"unknown config key '{key}'", f"{hint}`dgrun --cfg job` lists every key")
+
+
+def _check_keys(raw: dict[str, Any]) -> None:
+    """Keys added with `+` bypass Hydra's struct check: compare them with the schema here.
+
+    The sections whose keys a registry checks (dataset, model, optimizer, ...) and the open
+    mappings (probes, logger: one entry per chosen probe or tracker) are checked elsewhere."""
+    sections = {"": RootSchema, "trainer.": TrainerConfig, "corruption.": CorruptionConfig}
+    for prefix, schema in sections.items():
+        node = raw if not prefix else raw.get(prefix[:-1])
+        known = [f.name for f in fields(schema)]
+        for key in node if isinstance(node, dict) else ():
+            if key not in known:
+                raise unknown_key(prefix + key, [prefix + k for k in known])
+    phenomenon = raw.get("phenomenon") or {}
+    for key in phenomenon if isinstance(phenomenon, dict) else ():
+        if key != "name":  # a preset's label; what it sets lives in the other sections
+            raise unknown_key(f"phenomenon.{key}", ["phenomenon.name"])
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -295,6 +342,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
     from dgrun.optim import OPTIMIZERS, SCHEDULERS
 
     raw = plain(cfg)
+    _check_keys(raw)
     trainer = TrainerConfig(**raw["trainer"])
     for key, value in vars(trainer).items():
         _check_range(f"trainer.{key}", value)
@@ -329,6 +377,7 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
 
     dataset_node = dict(raw["dataset"])
     pipeline = {k: dataset_node.get(k) for k in PIPELINE_KEYS if k != "name"}
+    subset = _subset(*(dataset_node.pop(k, None) for k in SUBSET_KEYS))
     dataset = _component("dataset", dataset_node, DATASETS, skip=PIPELINE_KEYS)
     validate_pipeline(**pipeline)
     model = _component("model", raw["model"], MODELS)
@@ -350,8 +399,21 @@ def from_hydra(cfg: DictConfig) -> RunConfig:
         deterministic=bool(raw.get("deterministic", False)), dataset=dataset, pipeline=pipeline,
         corruption=corruption, model=model, optimizer=optimizer, scheduler=scheduler,
         phenomenon=dict(raw.get("phenomenon") or {}), probes=probes, objective=objective,
-        logger=logger, trainer=trainer,
+        logger=logger, trainer=trainer, subset=subset,
     )
+
+
+def _subset(fraction: Any, seed: Any) -> SubsetConfig:
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise UserError(f"dataset.subset_fraction={fraction!r} is not a number",
+                            "e.g. dataset.subset_fraction=0.5 (or null: the whole split)")
+        fraction = float(fraction)
+        _check_range("dataset.subset_fraction", fraction)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"dataset.subset_seed={seed!r} is not an integer",
+                        "e.g. dataset.subset_seed=0 (or null: the run's seed)")
+    return SubsetConfig(fraction, seed)
 
 
 def _trackers(node: Any) -> dict[str, dict[str, Any]]:

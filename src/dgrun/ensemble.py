@@ -215,9 +215,11 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
 def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, Parts]:
     """Each member's data, model, objective and probes as its own run builds them, then the
     stack, one optimizer and schedule over it, and the plan."""
-    # One copy of the data unless the data or their corruption are drawn from each member's seed.
-    per_member = ((cfg.corruption.name != "none" and cfg.corruption.seed is None)
-                  or cfg.data_follows_seed)
+    # One copy of the data unless the data, their subset or their corruption are drawn from
+    # each member's seed.
+    per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
+    per_member |= cfg.subset.fraction is not None and cfg.subset.seed is None  # own subsets
+    per_member |= cfg.data_follows_seed  # own data: dataset.seed / split_seed null
     shared = None if per_member else _load(cfg, device)
     modules = []
     for m in members:
@@ -255,7 +257,9 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
 def _load(cfg: RunConfig, device: torch.device) -> Bundle:
     return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
+                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                         subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                         ).to(device)
 
 
 def restore(stack: Stack, parts: Parts, members: list[Member]) -> None:
@@ -316,7 +320,8 @@ def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
     described = describe(m.cfg, m.bundle, device)
     described["ensemble"] = {"size": len(stack.views), "member": m.k}
     facts = Facts(described=described, params=models.count_params(stack.views[m.k]),
-                  config=m.config, overrides=member_overrides(overrides, m.cfg.seed))
+                  config=m.config, overrides=member_overrides(overrides, m.cfg.seed),
+                  subset_rows=m.bundle.subset)
     if m.payload is not None:
         facts.resumed_at_steps = list((m.decision.summary or {}).get("resumed_at_steps", []))
         facts.resumed_at_steps.append(start)

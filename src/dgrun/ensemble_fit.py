@@ -222,7 +222,8 @@ def fit(stack: Stack, parts: Parts, members: list, guard, start: int) -> None:
                 save(k, "periodic")
             clock.start()
         if plan.max_time_s is not None and active and clock.elapsed() >= plan.max_time_s:
-            evaluate(active)
+            if not plan.is_eval_step(step):  # an evaluation step has its rows already
+                evaluate(active)
             for k in sorted(active):
                 end(k, STOPPED, "max_time_s")
         signal_name = guard.signal_name

@@ -9,3 +9,9 @@ class UserError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}; {fix}" if fix else problem)
+
+
+def os_problem(error: OSError, fix: str) -> UserError:
+    """An OSError (read-only disk, disk full, a file where a folder should be) as one line."""
+    where = f"{error.filename}: " if error.filename else ""
+    return UserError(f"{where}{error.strerror or error}", fix)

@@ -11,8 +11,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from dgrun import checkpoint
-from dgrun.files import write_json
+from dgrun.data import subset
+from dgrun.files import write_atomic, write_json
 from dgrun.metrics import MetricsFile, versions
 from dgrun.plots import divergence_step, plot_run
 from dgrun.preemption import PreemptionGuard
@@ -38,6 +41,7 @@ class Facts:
     error: Optional[str] = None
     train_size: int = 0
     batch_size: int = 0
+    subset_rows: Any = None              # a subset run's rows of the full training split
 
 
 def throughput(state: State, n: int, batch: int) -> dict:
@@ -89,6 +93,10 @@ class Recorder:
             record.claim(record.checkpoints / name)
 
     def start(self, state: State) -> None:
+        if self.facts.subset_rows is not None:  # which rows this model saw, beside its record
+            rows = self.facts.subset_rows.cpu().numpy()
+            write_atomic(self.record.claim(self.record.path / subset.RECORD_FILE),
+                         lambda f: np.save(f, rows), fsync=False)
         self.metrics.rewrite(state.rows)
         self.write_summary(state)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
+import io
 import os
 import re
 import sys
@@ -23,7 +23,8 @@ from typing import Any, Optional
 import pandas as pd
 import yaml
 
-from dgrun.errors import UserError
+from dgrun import readback
+from dgrun.errors import UserError, os_problem
 from dgrun.status import HAS_FINAL_NUMBERS as FINISHED
 from dgrun.stopping import interpolates
 
@@ -62,8 +63,8 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
             if is_run_dir(here):
                 found[here.resolve()] = None
                 dirnames.clear()  # a run's checkpoints/ and plots/ hold no runs
-            else:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            else:  # analysis/: what `dgrun analyze` wrote over a sweep's runs, not a run
+                dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "analysis"]
     if not found:
         raise UserError(f"no run directories under {', '.join(map(str, paths))}",
                         "a run directory holds .hydra/config.yaml, summary.json or metrics.csv")
@@ -106,19 +107,13 @@ def parse_overrides(lines: list, config: dict) -> dict[str, Any]:
     return swept
 
 
-def read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return None
-
-
 def read_metrics(path: Path) -> Optional[pd.DataFrame]:
+    text = readback.metrics_text(path)
     try:
-        frame = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.EmptyDataError):
+        frame = pd.read_csv(io.StringIO(text)) if text else None
+    except (ValueError, pd.errors.EmptyDataError, pd.errors.ParserError):
         return None
-    return frame if len(frame) and "step" in frame else None
+    return frame if frame is not None and len(frame) and "step" in frame else None
 
 
 def interpolation_from_metrics(curve: pd.DataFrame, trainer: dict) -> dict:
@@ -138,16 +133,11 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame], dict]:
     (written with its checkpoints), and only for runs without one by `.hydra/`.
     """
     curve = read_metrics(run_dir / "metrics.csv")
-    summary, problem = {}, None
-    if (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError) as e:
-            problem = f"summary.json unreadable: {e}"
-    config = summary.get("config") or read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    summary = readback.read_summary(run_dir / "summary.json")
+    config = summary.get("config") or readback.read_config(run_dir) or {}
     overrides = summary.get("overrides")
     if overrides is None:
-        overrides = read_yaml(run_dir / ".hydra" / "overrides.yaml") or []
+        overrides = readback.read_overrides(run_dir) or []
     swept = parse_overrides(overrides, config)
     corruption = summary.get("corruption") or {}
     row: dict[str, Any] = {
@@ -180,7 +170,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict, Optional[pd.DataFrame], dict]:
             row.setdefault(key, value)
         elif isinstance(value, dict):
             row.update({f"{key}_{k}": v for k, v in value.items() if _is_scalar(v)})
-    row["error"] = summary.get("error") or problem
+    row["error"] = summary.get("error")
     return swept, row, curve, config
 
 
@@ -424,7 +414,10 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     try:
         _report(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError):  # a read-only run, a full disk: one line, like bad input
+            e = os_problem(e, "choose another --out DIR" if args.out else
+                           "pass --out DIR to write the report elsewhere")
         print(f"dgrun: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0

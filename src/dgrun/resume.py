@@ -37,6 +37,9 @@ RESUMABLE_KEYS = {
     # written before the key existed still resume.
     "trainer.ensemble",
 }
+# Keys added after runs were recorded whose null is what those runs did: a checkpoint written
+# without them resumes under a config that has them null.
+NULL_WHEN_UNSET = {"dataset.subset_fraction", "dataset.subset_seed"}
 
 
 @dataclass
@@ -59,6 +62,8 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if full in RESUMABLE_KEYS:
             continue
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if full in NULL_WHEN_UNSET and {a, b} <= {"<unset>", None}:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, full + ".")
         elif a != b:

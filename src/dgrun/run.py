@@ -23,7 +23,7 @@ import torch
 from dgrun import models, optim, probes, progress, runtime, trackers
 from dgrun.config import RunConfig, TrainerConfig
 from dgrun.data import augment as augmentation
-from dgrun.data import pipeline
+from dgrun.data import pipeline, subset
 from dgrun.data.bundle import Bundle
 from dgrun.losses import LOSSES
 from dgrun.objectives import OBJECTIVES, Objective
@@ -93,7 +93,9 @@ class Parts:
 def build(cfg: RunConfig, device: torch.device) -> Parts:
     bundle = pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                            corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
+                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
+                           subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
+                           ).to(device)
     meta = bundle.meta
     augment = augmentation.build(cfg.pipeline.get("augment"), seed=cfg.seed,
                                  modality=meta.modality, input_shape=meta.input_shape)
@@ -150,7 +152,16 @@ def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, 
         "input_shape": list(bundle.meta.input_shape),
         "train_size": len(bundle.train), "test_size": len(bundle.test),
         "device": str(device), "threads": torch.get_num_threads(),
+        **describe_subset(cfg, bundle),
     }
+
+
+def describe_subset(cfg: RunConfig, bundle: Bundle) -> dict[str, Any]:
+    """summary.json's `subset` (its rows: subset.npy), when the run trains on one."""
+    if bundle.subset is None:
+        return {}
+    return {"subset": {"fraction": cfg.subset.fraction, "seed": cfg.subset_seed,
+                       "size": len(bundle.subset), "file": subset.RECORD_FILE}}
 
 
 def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
@@ -196,7 +207,8 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
     facts = Facts(described=describe(cfg, parts.bundle, device),
                   params=models.count_params(parts.model), config=config, overrides=overrides,
-                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size)
+                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size,
+                  subset_rows=parts.bundle.subset)
     state = State()
     if decision.payload is not None:
         state = restore(parts, decision.payload)

@@ -11,7 +11,9 @@ Task i of the array trains `dgrun <its overrides> hydra.run.dir=<sweep dir>/i`, 
 `dgrun -m`. Nothing stays running on the login node: unlike `dgrun -m hydra/launcher=slurm`,
 which waits for every job, this exits as soon as sbatch has the array.
 
-Written into the sweep dir: tasks.txt (one shell-quoted override line per task),
+Written into the sweep dir: tasks.txt (one shell-quoted override line per task: the sweep, which
+a resubmission must match), slurm/tasks-<time>.txt (this submission's own copy, each line
+led by its task number, which its array reads: a later submission never changes it),
 slurm/array.sbatch (the script submitted, rendered from the template slurm/array.sbatch),
 slurm/<array id>_<task>.out (each task's log) and slurm/jobs.txt (one line per submission).
 Preemption: Slurm sends USR2 `--signal-s` seconds before the time limit; the task checkpoints
@@ -135,6 +137,7 @@ def check_options(args: argparse.Namespace) -> None:
             raise UserError(f"--sbatch-arg {arg!r} is not an sbatch option",
                  "give it like --sbatch-arg=--constraint=a100")
     for override in args.overrides:
+        one_line(override)
         if override.startswith("-"):
             raise UserError(f"'{override}' after --: only overrides go there",
                  "put dgrun slurm's options before --; it always sweeps (no -m needed)")
@@ -152,8 +155,35 @@ def expand(overrides: list[str]) -> tuple[list[list[str]], str]:
     return tasks, str(master.hydra.sweep.dir)
 
 
+def one_line(override: str) -> None:
+    """A task is one line of a tasks file: a line break in an override would split it, and
+    every later task would read its neighbour's line."""
+    if "\n" in override or "\r" in override:
+        raise UserError(f"the override {override!r} holds a line break, which would split its "
+                        "task's line in tasks.txt", "give the value on one line")
+
+
 def task_lines(tasks: list[list[str]]) -> list[str]:
+    for task in tasks:  # the config's own hydra.sweeper.params too
+        for override in task:
+            one_line(override)
     return [shlex.join(task) for task in tasks]
+
+
+def numbered(lines: list[str]) -> str:
+    """What an array reads: `<task> <overrides>` per line, so that a task finding another
+    number, or none, at its line knows the file is not its own and fails loudly."""
+    return "".join(f"{i} {line}".rstrip() + "\n" for i, line in enumerate(lines))
+
+
+def new_tasks_file(sweep_dir: Path) -> Path:
+    """A name no earlier submission into this sweep dir has used."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = sweep_dir / "slurm" / f"tasks-{stamp}.txt", 1
+    while path.exists():
+        n += 1
+        path = sweep_dir / "slurm" / f"tasks-{stamp}-{n}.txt"
+    return path
 
 
 def check_sweep_dir(sweep_dir: Path, lines: list[str]) -> None:
@@ -180,7 +210,8 @@ def check_sweep_dir(sweep_dir: Path, lines: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- the script
-def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Path) -> str:
+def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Path,
+           tasks_file: Path) -> str:
     options = [f"--partition={args.partition}" if args.partition else None,
                f"--account={args.account}" if args.account else None,
                f"--qos={args.qos}" if args.qos else None,
@@ -190,7 +221,7 @@ def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Pat
         "parallel": args.parallel or n_tasks, "time": args.time, "cpus": args.cpus,
         "mem": args.mem, "signal_s": args.signal_s, "max_requeues": args.max_requeues,
         "sweep_dir": str(sweep_dir), "sweep_dir_q": shlex.quote(str(sweep_dir)),
-        "workdir_q": shlex.quote(str(workdir)),
+        "workdir_q": shlex.quote(str(workdir)), "tasks_file_q": shlex.quote(str(tasks_file)),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in options if o),
         "setup": "\n".join(args.setup),
         "python": shlex.quote(sys.executable),
@@ -206,6 +237,12 @@ def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Pat
              f"fields: {', '.join(sorted(fields))}")
     except ValueError as e:
         raise UserError(f"the template {path} is malformed: {e}")
+
+
+def write_text(path: Path, text: str) -> Path:
+    from dgrun.files import write_atomic
+
+    return write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def submit(script: Path) -> str:
@@ -244,7 +281,8 @@ def _main(argv: list[str]) -> int:
         raise UserError(f"the sweep dir {sweep_dir} has a space or a %, which Slurm's --output can't take",
              "choose another --sweep-dir")
     lines = task_lines(tasks)
-    script = render(args, len(tasks), sweep_dir, workdir)
+    tasks_file = new_tasks_file(sweep_dir)
+    script = render(args, len(tasks), sweep_dir, workdir, tasks_file)
     if args.dry_run:
         print(script, end="" if script.endswith("\n") else "\n")
         print(f"# {sweep_dir}/tasks.txt ({len(lines)} task{'s' * (len(lines) != 1)}; "
@@ -257,9 +295,10 @@ def _main(argv: list[str]) -> int:
 
     check_sweep_dir(sweep_dir, lines)
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "tasks.txt").write_text("".join(line + "\n" for line in lines))
-    script_path = sweep_dir / "slurm" / "array.sbatch"
-    script_path.write_text(script)
+    # Whole files or none: an array of an earlier submission may be reading its own file now.
+    write_text(tasks_file, numbered(lines))
+    write_text(sweep_dir / "tasks.txt", "".join(line + "\n" for line in lines))
+    script_path = write_text(sweep_dir / "slurm" / "array.sbatch", script)
     job_id = submit(script_path)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(sweep_dir / "slurm" / "jobs.txt", "a") as f:

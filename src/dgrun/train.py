@@ -207,7 +207,8 @@ def fit(model: nn.Module, train: Split, test: Split, optimizer: torch.optim.Opti
             hooks.save(state, "periodic")
             clock.start()
         if plan.max_time_s is not None and clock.elapsed() >= plan.max_time_s:
-            record()
+            if not plan.is_eval_step(state.step):  # an evaluation step has its row already
+                record()
             return finish(STOPPED, "max_time_s")
         signal_name = hooks.stop_requested()
         if signal_name:

@@ -5,7 +5,7 @@ Each module holds plain functions over explicit arguments (models, tensors, metr
 loaded run registered in ANALYSES under the WHAT name:
 
     cartography  attribution  transition  bias  gradcam  features  attention  color  dynamics
-    robustness
+    robustness  memorization (over the subset models of a sweep or ensemble)  influence
 
 `analyze(what, run, out_dir, **options)` runs one and writes its tables (CSV), summary.json
 and figures (PNG) to out_dir.
@@ -16,4 +16,5 @@ __all__ = ["ANALYSES", "ExampleTrace", "Result", "RunArtifacts", "analyze", "wri
 
 # Importing the modules registers their analyses.
 from dgrun.analysis import (attention, attribution, cartography, color, dynamics,  # noqa: E402,F401
-                            features, gradcam, robustness, transition)
+                            ekfac, features, gradcam, influence, memorization,
+                            robustness, transition)

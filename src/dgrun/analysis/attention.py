@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
                                  model_device, require_checkpoints, spread)
+from dgrun.analysis.options import Count, Fraction
 from dgrun.analysis.figures import mark_steps, plt, save
 from dgrun.analysis.dynamics import marks_from_summary
 from dgrun.errors import UserError
@@ -221,8 +222,9 @@ def _plot_fourier(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("attention", plot=plot_attention)
-def attention_from_run(run: RunArtifacts, /, *, num_checkpoints: int = 12, num_inputs: int = 64,
-                       p: Optional[int] = None, energy: float = 0.9) -> Result:
+def attention_from_run(run: RunArtifacts, /, *, num_checkpoints: Count = 12,
+                       num_inputs: Count = 64, p: Optional[Count] = None,
+                       energy: Fraction = 0.9) -> Result:
     """Attention maps when the model has attention_maps; the Fourier view when it has a
     token_embedding (p defaults to the dataset's meta.extra['p'], else its class count)."""
     b, model = run.bundle, run.model

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
                                  pixels01, require_checkpoints, sample_indices, spread)
+from dgrun.analysis.options import Count
 from dgrun.analysis.features import penultimate_features
 from dgrun.analysis.figures import plt, save
 from dgrun.analysis.gradients import OUTPUTS, Projector, projected_gradients, selected_parameters
@@ -57,7 +59,7 @@ class Attribution:
                  prepare: Callable[[Tensor], Tensor] = lambda t: t,
                  lrs: Optional[Mapping[int, float]] = None, proj_dim: Optional[int] = 512,
                  seed: int = 0, output: str = "margin", batch_size: int = 64,
-                 params: Optional[Sequence[str]] = None):
+                 params: Optional[Sequence[str]] = None, influence: Optional[dict] = None):
         require_checkpoints(checkpoints, "attribution")
         self.model, self.checkpoints = model, list(checkpoints)
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
@@ -65,6 +67,7 @@ class Attribution:
         self.proj_dim, self.seed, self.batch_size = proj_dim, seed, batch_size
         self.output = OUTPUTS.get(output)
         self.names = selected_parameters(model, params)
+        self.influence = dict(influence or {})  # the influence method's solver options
 
     @cached_property
     def gradients(self) -> list[CheckpointGradients]:
@@ -176,7 +179,8 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
               lrs: Optional[Mapping[int, float]] = None, test_indices: Optional[Tensor] = None,
               top_k: int = 10, proj_dim: Optional[int] = 512, seed: int = 0,
               output: str = "margin", batch_size: int = 64,
-              params: Optional[Sequence[str]] = None) -> Result:
+              params: Optional[Sequence[str]] = None, influence: Optional[dict] = None,
+              keep: Optional[dict] = None) -> Result:
     """Top-k influential training rows of each chosen test row, per method, and how many of
     them are corrupted.
 
@@ -184,6 +188,7 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
     `corrupted_in_top` (method, test_index, count), `agreement` (top-k overlap of methods).
     summary: per method the mean number of corrupted rows in a top-k and what chance gives
     (k times the corrupted fraction). arrays: `scores_<method>` (n_test, n_train).
+    `influence`: the influence method's solver options (dgrun.analysis.influence).
     """
     for name in methods:
         METHODS.get(name)
@@ -192,7 +197,9 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
     a = Attribution(model, checkpoints, train.x, train.y, test.x[test_index.to(dev)],
                     test.y[test_index.to(test.y.device)], prepare=prepare, lrs=lrs,
                     proj_dim=proj_dim, seed=seed, output=output, batch_size=batch_size,
-                    params=params)
+                    params=params, influence=influence)
+    if keep is not None:  # a caller that wants the computation's by-products (the solve)
+        keep["attribution"] = a
     corrupted = train.corrupted.cpu()
     k = min(top_k, len(train))
     tables, tops, arrays, summary = [], {}, {}, {}
@@ -306,17 +313,39 @@ def lrs_at(rows: Sequence[dict], steps: Sequence[int]) -> dict[int, float]:
 
 @ANALYSES.register("attribution", plot=plot_attribution)
 def attribution_from_run(run: RunArtifacts, /, *, methods: Sequence[str] = ("trak", "tracin",
-                         "grad_cosine", "knn"), num_checkpoints: int = 4, num_test: int = 32,
-                         top_k: int = 10, proj_dim: Optional[int] = 512,
-                         output: str = "margin", batch_size: int = 64,
-                         params: Optional[Sequence[str]] = None) -> Result:
+                         "grad_cosine", "knn"), num_checkpoints: Count = 4, num_test: Count = 32,
+                         top_k: Count = 10, proj_dim: Optional[Count] = 512,
+                         output: str = "margin", batch_size: Count = 64,
+                         params: Optional[Sequence[str]] = None, lds: Optional[str] = None,
+                         models: Optional[str] = None) -> Result:
     """`num_checkpoints` evenly spaced over the run (the initialization skipped), a seeded
-    sample of `num_test` test rows."""
-    chosen = spread(run.checkpoints, num_checkpoints, skip_init=True)
-    require_checkpoints(chosen, "attribution")
+    sample of `num_test` test rows. `models=DIR`: instead, the last checkpoint of every run
+    in DIR (independently trained models of this run's kind: TRAK's recommended ensemble).
+    `lds=DIR`: each method's linear datamodeling score against the subset models in DIR
+    (dgrun.analysis.datamodels)."""
+    from dgrun.analysis import datamodels
+    from dgrun.analysis.subset_models import SubsetModels
+    from dgrun.report import find_run_dirs
+
     b = run.bundle
-    return attribute(run.model, chosen, b.train, b.test, prepare=b.prepare, methods=methods,
-                     lrs=lrs_at(run.rows, [s for s, _ in chosen]),
-                     test_indices=sample_indices(len(b.test), num_test, run.seed), top_k=top_k,
-                     proj_dim=proj_dim, seed=run.seed, output=output, batch_size=batch_size,
-                     params=params)
+    if lds is not None and b.subset is not None:
+        raise UserError("lds= scores an attribution over the whole training split, but this "
+                        "run trained on a subset of it", "analyse a run trained without "
+                        "dataset.subset_fraction")
+    subset_models = None if lds is None else SubsetModels.load(find_run_dirs([Path(lds)]))
+    if models is None:
+        chosen = spread(run.checkpoints, num_checkpoints, skip_init=True)
+        require_checkpoints(chosen, "attribution")
+        lrs = lrs_at(run.rows, [s for s, _ in chosen])
+    else:
+        chosen, lrs = datamodels.independent_checkpoints(find_run_dirs([Path(models)]),
+                                                         run.model)
+    test_indices = sample_indices(len(b.test), num_test, run.seed)
+    result = attribute(run.model, chosen, b.train, b.test, prepare=b.prepare, methods=methods,
+                       lrs=lrs, test_indices=test_indices, top_k=top_k, proj_dim=proj_dim,
+                       seed=run.seed, output=output, batch_size=batch_size, params=params)
+    if models is not None:
+        result.summary["checkpoints_from"] = {"dir": models, "models": len(chosen)}
+    if subset_models is not None:
+        datamodels.add_lds(result, test_indices, b.train.y, subset_models)
+    return result

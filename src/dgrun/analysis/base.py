@@ -200,6 +200,9 @@ def write(result: Result, out_dir: Path, plot: Optional[Callable] = None) -> lis
 
 def analyze(what: str, run: RunArtifacts, out_dir: Path, **options) -> list[Path]:
     """`dgrun analyze RUN_DIR WHAT`: run the analysis `what` on a loaded run, write
-    out_dir/{*.csv, summary.json, *.png}. Unknown names and options fail as UserError."""
-    result = ANALYSES.build(what, run, **options)
+    out_dir/{*.csv, summary.json, *.png}. Unknown names, unknown options and values of the
+    wrong type or range fail as UserError (dgrun.analysis.options)."""
+    from dgrun.analysis.options import check
+
+    result = ANALYSES.get(what)(run, **check(what, ANALYSES.get(what), options))
     return write(result, out_dir, ANALYSES.tags(what).get("plot"))

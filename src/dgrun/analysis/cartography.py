@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dgrun.analysis.base import ANALYSES, Result, RunArtifacts
+from dgrun.analysis.options import Fraction
 from dgrun.analysis.figures import plt, save
 from dgrun.errors import UserError
 
@@ -183,8 +184,9 @@ def plot_cartography(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("cartography", plot=plot_cartography)
-def cartography_from_run(run: RunArtifacts, /, *, variability_threshold: float = 0.2,
-                         confidence_threshold: float = 0.5, late_quantile: float = 0.9) -> Result:
+def cartography_from_run(run: RunArtifacts, /, *, variability_threshold: Fraction = 0.2,
+                         confidence_threshold: Fraction = 0.5,
+                         late_quantile: Fraction = 0.9) -> Result:
     if run.examples is None:
         raise UserError("this run did not track per-example probabilities",
                         "train it again with trainer.track_examples=true")

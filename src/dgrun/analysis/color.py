@@ -22,6 +22,7 @@ from matplotlib.colors import hsv_to_rgb
 from torch import Tensor
 
 from dgrun.analysis.base import ANALYSES, Result, RunArtifacts, batched, pixels01, sample_indices
+from dgrun.analysis.options import Count, Fraction
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
 from dgrun.errors import UserError
@@ -165,8 +166,8 @@ def plot_color(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("color", plot=plot_color)
-def color_from_run(run: RunArtifacts, /, *, bins: int = 12, threshold: float = 0.9,
-                   max_rows: Optional[int] = 20000) -> Result:
+def color_from_run(run: RunArtifacts, /, *, bins: Count = 12, threshold: Fraction = 0.9,
+                   max_rows: Optional[Count] = 20000) -> Result:
     b = run.bundle
     return color_bias(b.train, b.test, bins=bins, threshold=threshold,
                       class_names=b.meta.class_names, seed=run.seed, max_rows=max_rows)

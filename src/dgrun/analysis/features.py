@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, batched, kept_weights,
                                  last_module_called, load, model_device, require_checkpoints,
                                  sample_indices, spread)
+from dgrun.analysis.options import Count, Positive
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
 from dgrun.plots import looks_log_spaced
@@ -194,8 +195,9 @@ def _scatter_grid(embed: pd.DataFrame, kind: str, out_dir):
 
 
 @ANALYSES.register("features", plot=plot_features)
-def features_from_run(run: RunArtifacts, /, *, num_checkpoints: int = 8, num_train: int = 2000,
-                      num_test: int = 2000, tsne: bool = False, probe_C: float = 1.0) -> Result:
+def features_from_run(run: RunArtifacts, /, *, num_checkpoints: Count = 8,
+                      num_train: Count = 2000, num_test: Count = 2000, tsne: bool = False,
+                      probe_C: Positive = 1.0) -> Result:
     b = run.bundle
     return feature_dynamics(run.model, spread(run.checkpoints, num_checkpoints), b.train, b.test,
                             prepare=b.prepare,

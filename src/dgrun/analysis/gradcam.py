@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights,
                                  last_module_called, load, model_device, pixels01,
                                  require_checkpoints, spread)
+from dgrun.analysis.options import Count, Index
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
 from dgrun.errors import UserError
@@ -176,8 +177,9 @@ def plot_gradcam(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("gradcam", plot=plot_gradcam)
-def gradcam_from_run(run: RunArtifacts, /, *, classes: Optional[Sequence[int]] = None,
-                     per_class: int = 6, num_checkpoints: int = 4, layer: Optional[str] = None,
+def gradcam_from_run(run: RunArtifacts, /, *, classes: Optional[Sequence[Index]] = None,
+                     per_class: Count = 6, num_checkpoints: Count = 4,
+                     layer: Optional[str] = None,
                      method: str = "gradcam", split: str = "test") -> Result:
     """Test images of each class (first `per_class`; classes default to the first four),
     their own class as the target, at `num_checkpoints` checkpoints spread over the run."""

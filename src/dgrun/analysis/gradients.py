@@ -29,6 +29,7 @@ from dgrun.registry import Registry
 class ModelOutput:
     value: Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> f, one per row
     q: Callable[[Tensor, Tensor], Tensor]      # (logits, y) -> -dL/df, one per row
+    loss: Callable[[Tensor, Tensor], Tensor]   # (f, y) -> L, one per row (influence's Hessian)
 
 
 OUTPUTS = Registry("model output")
@@ -54,8 +55,10 @@ def _scalar_q(logits: Tensor, y: Tensor) -> Tensor:
     return y.to(logits.dtype) - _scalar(logits, y)
 
 
-OUTPUTS.register("margin")(ModelOutput(_margin, _margin_q))
-OUTPUTS.register("regression")(ModelOutput(_scalar, _scalar_q))
+OUTPUTS.register("margin")(ModelOutput(_margin, _margin_q,
+                                        lambda f, y: torch.nn.functional.softplus(-f)))
+OUTPUTS.register("regression")(ModelOutput(_scalar, _scalar_q,
+                                            lambda f, y: 0.5 * (f - y.to(f.dtype)).square()))
 
 
 def selected_parameters(model: nn.Module, patterns: Optional[Sequence[str]]) -> list[str]:

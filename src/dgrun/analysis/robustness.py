@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from dgrun.analysis.base import ANALYSES, Result, RunArtifacts, kept_weights, load
+from dgrun.analysis.options import Count, Index, NonNegative, Severity
 from dgrun.errors import UserError
 
 
@@ -47,11 +48,11 @@ def plot_robustness(result: Result, out_dir: Path) -> list[Path]:
 
 
 @ANALYSES.register("robustness", plot=plot_robustness)
-def robustness_from_run(run: RunArtifacts, /, *, step: Optional[int] = None,
+def robustness_from_run(run: RunArtifacts, /, *, step: Optional[Index] = None,
                         corruptions: str | Sequence[str] = "all",
-                        severities: Sequence[int] = (1, 2, 3, 4, 5), n: Optional[int] = 1000,
-                        attack: str = "pgd", norm: str = "linf", eps: float = 8 / 255,
-                        steps: int = 10, n_adv: int = 256,
+                        severities: Sequence[Severity] = (1, 2, 3, 4, 5),
+                        n: Optional[Count] = 1000, attack: str = "pgd", norm: str = "linf",
+                        eps: NonNegative = 8 / 255, steps: Count = 10, n_adv: Count = 256,
                         cifar10c_root: Optional[str] = None) -> Result:
     from dgrun.robustness.attacks import AttackSpec
     from dgrun.robustness.suite import evaluate_cifar10c, evaluate_robustness

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dgrun.analysis.attribution import Attribution, METHODS, lrs_at
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
                                  pixels01, predict, require_checkpoints, sample_indices, spread)
+from dgrun.analysis.options import Count, Index
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
 from dgrun.errors import UserError
@@ -182,10 +183,10 @@ def _show_rows(fig, grid, top: pd.DataFrame, rows: np.ndarray) -> None:
 
 
 @ANALYSES.register("transition", plot=plot_transition)
-def transition_from_run(run: RunArtifacts, /, *, step: Optional[int] = None,
-                        summary_key: Optional[str] = None, window: int = 1,
-                        method: str = "trak", num_test: int = 256, top_k: int = 20,
-                        proj_dim: Optional[int] = 512, output: str = "margin") -> Result:
+def transition_from_run(run: RunArtifacts, /, *, step: Optional[Index] = None,
+                        summary_key: Optional[str] = None, window: Count = 1,
+                        method: str = "trak", num_test: Count = 256, top_k: Count = 20,
+                        proj_dim: Optional[Count] = 512, output: str = "margin") -> Result:
     """The step is `step`, else summary_key's value, else the first of STEP_KEYS found."""
     if step is None:
         step, key = find_step(run.summary, [summary_key] if summary_key else STEP_KEYS)
@@ -321,8 +322,8 @@ def plot_bias(result: Result, out_dir) -> list:
 
 
 @ANALYSES.register("bias", plot=plot_bias)
-def bias_from_run(run: RunArtifacts, /, *, method: str = "trak", num_checkpoints: int = 2,
-                  num_test: int = 512, top_k: int = 20, proj_dim: Optional[int] = 512,
+def bias_from_run(run: RunArtifacts, /, *, method: str = "trak", num_checkpoints: Count = 2,
+                  num_test: Count = 512, top_k: Count = 20, proj_dim: Optional[Count] = 512,
                   output: str = "margin") -> Result:
     chosen = spread(run.checkpoints, num_checkpoints, skip_init=True)
     b = run.bundle

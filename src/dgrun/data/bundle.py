@@ -78,6 +78,9 @@ class Bundle:
     meta: Meta
     val: Optional[Split] = None
     prepare: Callable[[Tensor], Tensor] = identity
+    # The training rows as indices into the full training split, when a run trains on a
+    # random subset of it (dgrun.data.subset); None: the whole split.
+    subset: Optional[Tensor] = None
 
     def to(self, device: torch.device | str) -> "Bundle":
         val = None if self.val is None else self.val.to(device)

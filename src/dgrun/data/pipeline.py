@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from dgrun.data import DATASETS, corruption
+from dgrun.data import DATASETS, corruption, subset
 from dgrun.data.bundle import Bundle, Split
 from dgrun.errors import UserError
 
@@ -34,8 +34,11 @@ def validate_pipeline(preprocess: Optional[str] = "none", center_crop: Optional[
 def load(name: str, loader_options: Optional[dict] = None, *, seed: int,
          corruption_name: str = "none", prob: float = 0.0, apply_to_test: bool = True,
          preprocess: Optional[str] = "none", center_crop: Optional[int] = None,
-         augment: Optional[dict] = None) -> Bundle:
+         augment: Optional[dict] = None, subset_fraction: Optional[float] = None,
+         subset_seed: int = 0) -> Bundle:
     """`loader_options` go to the dataset's builder; `augment` is applied per batch by the loop.
+    `subset_fraction`: train on that random fraction of the (corrupted) training rows, drawn
+    from `subset_seed` (dgrun.data.subset).
 
     Images stay pixels (uint8 as loaded, float in [0, 1] once a pixel corruption made them so);
     the returned Bundle's `prepare` normalizes them batch by batch, with statistics fitted on
@@ -46,6 +49,7 @@ def load(name: str, loader_options: Optional[dict] = None, *, seed: int,
         bundle = bundle.replace(train=_as_float(bundle.train), test=_as_float(bundle.test))
     bundle = corruption.apply(bundle, corruption_name, seed=seed, prob=prob,
                               apply_to_test=apply_to_test)
+    bundle = subset.apply(bundle, subset_fraction, subset_seed)
     if center_crop is not None:
         bundle = _center_crop(bundle, center_crop)
     if bundle.meta.modality != "image" or (preprocess or "none") == "none":

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from dgrun.robustness import filters
-from dgrun.robustness.corruptions import corruption
+from dgrun.robustness.registry import corruption
 from dgrun.robustness.rng import Draws
 
 

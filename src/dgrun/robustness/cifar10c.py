@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dgrun.errors import UserError
-from dgrun.robustness.corruptions import SEVERITIES
+from dgrun.robustness.registry import SEVERITIES
 
 # The nineteen corruptions of the release, in the order of the generator's table.
 CIFAR10C_CORRUPTIONS = (

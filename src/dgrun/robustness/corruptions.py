@@ -26,25 +26,13 @@ stay equal. Saturate changes only colour, so it is the identity on grey pixels; 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 from torch import Tensor
 
 from dgrun.errors import UserError
-from dgrun.registry import Registry
+from dgrun.robustness.registry import CORRUPTIONS, SEVERITIES, Corruption, corruption  # noqa: F401
 from dgrun.robustness.rng import Draws
-
-CORRUPTIONS = Registry("image corruption")
-SEVERITIES = (1, 2, 3, 4, 5)
-Corruption = Callable[[Tensor, object, Draws], Tensor]  # (pixels, this severity's params, draws)
-
-
-def corruption(name: str, params: Sequence, *, colour_only: bool = False,
-               ) -> Callable[[Corruption], Corruption]:
-    """Register `fn(x, c, draws)`, where c is `params[severity - 1]`."""
-    if len(params) != len(SEVERITIES):
-        raise ValueError(f"corruption '{name}' needs {len(SEVERITIES)} severities' parameters")
-    return CORRUPTIONS.register(name, params=tuple(params), colour_only=colour_only)
 
 
 def corrupt(x: Tensor, name: str, severity: int, *, seed: int = 0, chunk: int = 0) -> Tensor:
@@ -85,5 +73,5 @@ def names(which: str | Iterable[str] = "all", channels: int = 3) -> list[str]:
     return which
 
 
-# Importing the families registers them.
+# Importing the families registers them (they import the registry, not this module).
 from dgrun.robustness import blur, digital, noise, weather  # noqa: E402,F401

@@ -9,7 +9,7 @@ from PIL import Image
 from torch import Tensor
 
 from dgrun.robustness import filters
-from dgrun.robustness.corruptions import corruption
+from dgrun.robustness.registry import corruption
 from dgrun.robustness.rng import Draws
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dgrun.robustness.corruptions import corruption
+from dgrun.robustness.registry import corruption
 from dgrun.robustness.rng import Draws
 
 

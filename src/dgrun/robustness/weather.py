@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from dgrun.robustness.corruptions import corruption
+from dgrun.robustness.registry import corruption
 from dgrun.robustness.rng import Draws
 
 
