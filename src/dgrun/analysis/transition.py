@@ -106,7 +106,7 @@ def transition_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], 
         "change": change.numpy(), "rank": rank.numpy()}).sort_values("rank")
     top = table.head(top_k)
     # The rows themselves, for the figure: who they are matters more than their index.
-    shown = torch.as_tensor(top.head(SHOWN)["train_index"].to_numpy())
+    shown = torch.tensor(top.head(SHOWN)["train_index"].tolist(), dtype=torch.long)
     rows = train.x.cpu()[shown]
     arrays = {"top_x": (pixels01(rows) if rows.dim() == 4 else rows).numpy()}
     summary = {"step": step, "method": method,
