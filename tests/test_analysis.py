@@ -482,7 +482,8 @@ def test_attention_maps_over_checkpoints(tmp_path):
     assert heads.loc[(0, 1), "last_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert heads.loc[(9, 1), ["key_0", "key_1", "key_2"]].tolist() == [1.0, 0.0, 0.0]
     assert result.arrays["maps"].shape == (2, 1, 2, 3, 3)
-    assert [q.name for q in plot_attention(result, tmp_path)] == ["attention_maps.png"]
+    assert [q.name for q in plot_attention(result, tmp_path)] == ["attention_maps.png",
+                                                              "attention_heads.png"]
     run = RunArtifacts(Bundle(Split(x, x[:, 0]), Split(x, x[:, 0]),
                               Meta("toy", "tokens", (3,), 10, vocab_size=10)), model,
                        checkpoints=[(0, snapshot(model))], summary={})
@@ -573,7 +574,7 @@ def test_dynamics_marks_the_summary_steps(tmp_path):
 def test_registry_names():
     assert ANALYSES.names() == ["attention", "attribution", "bias", "cartography", "color",
                                 "dynamics", "features", "gradcam", "influence", "memorization",
-                                "robustness", "transition"]
+                                "progress", "robustness", "transition"]
     assert all(callable(ANALYSES.tags(n)["plot"]) for n in ANALYSES.names())
 
 

@@ -241,7 +241,7 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
             per_example_loss=lambda out, y, loss=loss: loss(out, y, reduction="none"),
             **cfg.objective.options)
         m.probes = probes.build({p.name: p.options for p in cfg.probes}, meta=meta,
-                                seed=m.cfg.seed)
+                                seed=m.cfg.seed, loss=cfg.trainer.loss)
     stack = Stack(modules)
     del modules
     plan, snapshot_points = make_plan(cfg.trainer, len(members[0].bundle.train), cfg.seed)

@@ -115,7 +115,7 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
     specs = {p.name: p.options for p in cfg.probes}
     if cfg.trainer.track_examples:
         specs.setdefault("examples", {})
-    probe_list = probes.build(specs, meta=meta, seed=cfg.seed)
+    probe_list = probes.build(specs, meta=meta, seed=cfg.seed, loss=cfg.trainer.loss)
     # Compiled for training steps only: the module itself keeps plain state_dict keys, and
     # evaluation (varying batch shapes) does not trigger recompiles.
     forward = torch.compile(model) if cfg.trainer.compile else model

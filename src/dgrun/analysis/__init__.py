@@ -6,6 +6,7 @@ loaded run registered in ANALYSES under the WHAT name:
 
     cartography  attribution  transition  bias  gradcam  features  attention  color  dynamics
     robustness  memorization (over the subset models of a sweep or ensemble)  influence
+    progress
 
 `analyze(what, run, out_dir, **options)` runs one and writes its tables (CSV), summary.json
 and figures (PNG) to out_dir.
@@ -17,4 +18,4 @@ __all__ = ["ANALYSES", "ExampleTrace", "Result", "RunArtifacts", "analyze", "wri
 # Importing the modules registers their analyses.
 from dgrun.analysis import (attention, attribution, cartography, color, dynamics,  # noqa: E402,F401
                             ekfac, features, gradcam, influence, memorization,
-                            robustness, transition)
+                            progress, robustness, transition)

@@ -14,7 +14,6 @@ outside the constant term.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,43 +28,14 @@ from dgrun.analysis.options import Count, Fraction
 from dgrun.analysis.figures import mark_steps, plt, save
 from dgrun.analysis.dynamics import marks_from_summary
 from dgrun.errors import UserError
+from dgrun.probes.attention_heads import last_position_statistics
 
 
 # --- Fourier view ----------------------------------------------------------------------------
 
-def fourier_basis(p: int) -> tuple[Tensor, list[int]]:
-    """(rows, p) orthonormal real Fourier basis of Z_p and each row's frequency (0 = const).
-    For even p, sin(pi x) vanishes and is left out."""
-    x = torch.arange(p, dtype=torch.float64)
-    rows, freqs = [torch.ones(p, dtype=torch.float64)], [0]
-    for k in range(1, p // 2 + 1):
-        for f in (torch.cos, torch.sin):
-            v = f(2 * math.pi * k * x / p)
-            if v.norm() > 1e-6:
-                rows.append(v)
-                freqs.append(k)
-    basis = torch.stack(rows)
-    return basis / basis.norm(dim=1, keepdim=True), freqs
-
-
-def frequency_norms(embedding: Tensor) -> Tensor:
-    """(p//2,) norm of a (p, d) embedding's component at each frequency k = 1..p//2."""
-    p = embedding.shape[0]
-    basis, freqs = fourier_basis(p)
-    coeff = basis @ embedding.detach().double().cpu()          # (rows, d)
-    power = coeff.pow(2).sum(1)
-    by_freq = torch.zeros(p // 2 + 1, dtype=torch.float64)
-    by_freq.index_add_(0, torch.tensor(freqs), power)
-    return by_freq[1:].sqrt()
-
-
-def key_frequencies(norms: Tensor, energy: float = 0.9) -> list[int]:
-    """The fewest frequencies (1-based) holding `energy` of the total squared norm."""
-    power = norms.double().pow(2)
-    order = power.argsort(descending=True)
-    cum = power[order].cumsum(0) / power.sum().clamp_min(1e-30)
-    count = int((cum < energy).sum()) + 1
-    return sorted((order[:count] + 1).tolist())
+# The basis, per-frequency norms and key frequencies are shared with the modular_progress probe.
+from dgrun.probes.fourier import (fourier_basis, frequency_norms,  # noqa: E402,F401
+                                  key_frequencies)
 
 
 def embedding_of(model: nn.Module, p: int) -> Tensor:
@@ -130,9 +100,7 @@ def attention_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoin
             att = load(model, state).attention_maps(x).float().cpu()  # (L, B, H, T, T)
             mean = att.mean(1)
             maps.append(mean.numpy())
-            last = att[..., -1, :]                                     # (L, B, H, T)
-            entropy = -(last * last.clamp_min(1e-12).log()).sum(-1).mean(1)  # (L, H)
-            weight = last.mean(1)                                      # (L, H, T)
+            entropy, weight = last_position_statistics(att)           # (L, H), (L, H, T)
             for layer in range(att.shape[0]):
                 for head in range(att.shape[2]):
                     rows.append({"step": step, "layer": layer, "head": head,
@@ -173,7 +141,32 @@ def plot_attention(result: Result, out_dir) -> list:
         paths.append(save(fig, out_dir, "attention_maps"))
     if "frequencies" in result.tables:
         paths += _plot_fourier(result, out_dir)
+    if "heads" in result.tables:
+        paths += _plot_head_evolution(result.tables["heads"], out_dir)
     return paths
+
+
+def _plot_head_evolution(heads: pd.DataFrame, out_dir) -> list:
+    """attention_heads.png: per head, the last position's entropy and its share on each
+    position over the checkpoints (the attention_heads probe's columns, from checkpoints)."""
+    keys = sorted((c for c in heads.columns if c.startswith("key_")), key=lambda c: int(c[4:]))
+    fig, axes = plt.subplots(1 + len(keys), 1, figsize=(6.5, 2.4 * (1 + len(keys)) + 0.5),
+                             sharex=True, squeeze=False)
+    for (layer, head), rows in heads.groupby(["layer", "head"]):
+        label = f"layer {layer} head {head}"
+        axes[0, 0].plot(rows["step"], rows["last_entropy"], "o-", ms=3, label=label)
+        for ax, key in zip(axes[1:, 0], keys):
+            ax.plot(rows["step"], rows[key], "o-", ms=3, label=label)
+    axes[0, 0].set_ylabel("entropy (nats)")
+    for ax, key in zip(axes[1:, 0], keys):
+        ax.set_ylabel(f"share on position {key[4:]}")
+        ax.set_ylim(-0.02, 1.02)
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_title("Last position's attention per head over checkpoints")
+    axes[-1, 0].set_xlabel("checkpoint step")
+    return [save(fig, out_dir, "attention_heads")]
 
 
 def _plot_fourier(result: Result, out_dir) -> list:

@@ -3,7 +3,8 @@
     @PROBES.register("grokking")
     def grokking(*, meta: Meta, seed: int, train_threshold: float = 0.99, ...) -> Probe
 
-`meta` (the dataset's Meta) and `seed` are passed by `build`; everything else comes from the
+`meta` (the dataset's Meta) and `seed` are passed by `build`, and so is `loss` (the run's
+trainer.loss name) to the builders that take it; everything else comes from the
 config's `probes:` mapping (`probes.grokking.train_threshold=0.95`), which a `phenomenon`
 preset fills and users extend (`+probes.transitions={}`) or trim (`~probes.grokking`).
 """
@@ -16,20 +17,24 @@ from dgrun.probes.base import Evaluation, Probe
 from dgrun.registry import Registry
 
 PROBES = Registry("probe")
-CONTEXT = ("meta", "seed")  # builder arguments that come from the run, never from a config
+CONTEXT = ("meta", "seed", "loss")  # builder arguments that come from the run, never a config
 
 __all__ = ["PROBES", "Evaluation", "Probe", "build"]
 
 
-def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int) -> list[Probe]:
+def build(specs: dict[str, dict[str, Any]], *, meta: Meta, seed: int,
+          loss: str = "cross_entropy") -> list[Probe]:
     """{name: options} -> probes, in the order given."""
     probes = []
     for name, options in specs.items():
-        probe = PROBES.build(name, meta=meta, seed=seed, **(options or {}))
+        # Only the probes that measure a loss of their own take the run's loss function.
+        context = {"loss": loss} if "loss" in PROBES.options(name) else {}
+        probe = PROBES.build(name, meta=meta, seed=seed, **context, **(options or {}))
         probe.name = name
         probes.append(probe)
     return probes
 
 # Importing the modules registers their probes.
-from dgrun.probes import (dfr, dynamics, examples, groups, grokking,  # noqa: E402,F401
-                          robustness, transitions)
+from dgrun.probes import (attention_heads, dfr, dynamics, examples,  # noqa: E402,F401
+                          groups, grokking, modular_progress, parity_progress, robustness,
+                          sharpness, transitions)
