@@ -8,7 +8,7 @@ dgrun's default job (MLP 1x512 on sklearn digits, batch 128, SGD lr 0.01) with a
 budget (trainer.max_steps=--steps, no stop at the threshold; evaluations every epoch, a
 checkpoint and the plots at the end), through the real code paths, in this process:
 
-  ensemble    dgrun.ensemble.run with trainer.ensemble=N: seeds 0..N-1 as one vmapped stack
+  ensemble    dgrun.run.run with trainer.ensemble=N: seeds 0..N-1 as one vmapped stack
               (also for N=1, so the stack's own overhead shows)
   sequential  dgrun.run.run once per seed 0..N-1, one after the other
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from hydra import compose, initialize_config_dir
 
-    from dgrun import ensemble, run
+    from dgrun import run
     from dgrun.config import config_dir, from_hydra, plain, register_schemas
 
     register_schemas()
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
         def one_ensemble(n: int, where: Path) -> tuple[float, float]:
             cfg, config = job(f"trainer.ensemble={n}")
-            wall, summary = timed(ensemble.run, cfg, where, config)
+            wall, summary = timed(run.run, cfg, where, config)
             assert summary["status"] == "completed", summary
             return wall, summary["time_s"]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import matplotlib.figure
 import numpy as np
@@ -323,7 +324,9 @@ def test_plot_run_marks_on_both_figures_and_diverged_rows(tmp_path, monkeypatch)
     save = matplotlib.figure.Figure.savefig
 
     def record(fig, path, *args, **kwargs):
-        legends[path.name] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        # savefig writes the atomic writer's temporary file, `.loss.png.tmp-<pid>`
+        name = Path(getattr(path, "name", path)).name.lstrip(".").split(".tmp-")[0]
+        legends[name] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)

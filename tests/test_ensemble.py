@@ -304,7 +304,7 @@ def test_refusals_are_one_line(job, tmp_path):
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="holds a single run"):
-        ensemble.run(cfg, tmp_path / "single", config)
+        run(cfg, tmp_path / "single", config)
 
     class Noisy(nn.Module):
         def forward(self, x):

@@ -21,9 +21,11 @@ from typing import Callable, Optional
 
 from dgrun.config import config_dir, register_schemas
 from dgrun.errors import UserError
+from dgrun.rundir import DirectoryHeld
 
+EXIT_FAILED = 1  # the run could not go on (a full disk): not a usage error
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells and schedulers read as "interrupted"
 MAX_PREVALIDATED = 256  # sweeps larger than this are validated job by job instead
 
 # The nearest folder above the run directory that existed before this command: a run refused
@@ -104,10 +106,12 @@ def write_hydra_record(record, hydra_cfg, cfg) -> None:
     """
     from omegaconf import OmegaConf
 
+    from dgrun.files import write_text
+
     files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
              "overrides.yaml": OmegaConf.create(list(hydra_cfg.overrides.task))}
     for name, node in files.items():
-        OmegaConf.save(node, record.claim(record.hydra / name))
+        write_text(record.claim(record.hydra / name), OmegaConf.to_yaml(node))
 
 
 def _parallel_jobs(hydra_cfg) -> int:
@@ -142,6 +146,22 @@ def train_task(cfg) -> Optional[float]:
                       job_num=hydra_cfg.job.num if multirun else None,
                       overrides=list(hydra_cfg.overrides.task), on_start=on_start,
                       parallel_jobs=_parallel_jobs(hydra_cfg) if multirun else 1)
+    except DirectoryHeld as e:
+        # Another live command owns the directory: not one byte of it is ours to touch.
+        if multirun:
+            print(f"dgrun: error: job {hydra_cfg.job.num}: {e}", file=sys.stderr)
+            raise
+        fail(e.problem, e.fix)
+    except OSError as e:
+        # A full or read-only disk mid-run: what was written stays (the last checkpoint, the
+        # rows), the record says failed if it could be written; one line, not a traceback.
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"dgrun: error: {run_dir}: cannot write{where}: {e.strerror or e}; what was "
+              "written before is intact: free space (or fix the disk) and run the same command "
+              "again to resume", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(EXIT_FAILED)
     except UserError as e:
         if multirun:
             # In a sweep the other jobs go on: record this one as failed, for the report.
@@ -160,9 +180,14 @@ def train_task(cfg) -> Optional[float]:
     if summary.get("status") == "preempted":
         # A signal stops the whole command, not just this job: a sweep must not go on to its
         # next job after SIGTERM. Re-running the same command resumes from the checkpoints.
-        print(f"dgrun: preempted by {summary.get('stop_reason')}; checkpoint written to "
-              f"{run_dir / 'checkpoints'}; run the same command again to resume", file=sys.stderr)
-        sys.exit(0)
+        # Ctrl-C is the user's interrupt: exit 130 like any interrupted program (a shell's
+        # `&&`, `set -e` and schedulers see it); a scheduler's signal is a clean stop (0).
+        interrupted = summary.get("stop_reason") == "SIGINT"
+        print(f"dgrun: {'interrupted' if interrupted else 'preempted'} by "
+              f"{summary.get('stop_reason')} at step {summary.get('steps')}; checkpoint written "
+              f"to {run_dir / 'checkpoints'}; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED if interrupted else 0)
     return (summary.get("final") or {}).get("test_acc")
 
 

@@ -1,5 +1,9 @@
 """`trainer.ensemble=N`: the runs `seed=S`, ..., `seed=S+N-1`, trained in one process.
 
+What an ensemble adds to dgrun.run, which decides, holds, repairs and records its members like
+any run: the members, their stacked parameters and one optimizer, their restore into the
+stack, their recorders, the ensemble's summary (the loop: dgrun.ensemble_fit).
+
 Member k is the run `seed=S+k` (its own initialization, batch order, corruption draw, dropout
 and augmentation noise) and writes a complete run directory, `<run dir>/member_<k>/`, whose
 summary.json holds the config that run would have (seed S+k, trainer.ensemble 1): `dgrun
@@ -31,27 +35,24 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from dgrun import checkpoint, models, optim, probes, progress, runtime, trackers
+from dgrun import checkpoint, models, optim, probes, progress, trackers
+from dgrun.assemble import load_data, make_plan, restore_extras
 from dgrun.config import RunConfig
 from dgrun.data import augment as augmentation
-from dgrun.data import pipeline
 from dgrun.data.bundle import Bundle
-from dgrun.ensemble_fit import Parts, fit
+from dgrun.ensemble_fit import Parts
 from dgrun.errors import UserError
-from dgrun.files import write_json
 from dgrun.losses import LOSSES
 from dgrun.objectives import OBJECTIVES
 from dgrun.preemption import PreemptionGuard
 from dgrun.record import Facts, Recorder
-from dgrun.resume import Decision, decide
-from dgrun.run import claim_tracker_files, describe, make_plan
+from dgrun.resume import Decision
 from dgrun.rundir import RunDir
 from dgrun.seeding import seed_everything, set_rng_state
 from dgrun.stacked import Stack, member_optimizer_state, stacked_optimizer_state
@@ -72,7 +73,7 @@ class Member:
     cfg: RunConfig                       # the run's config as `seed=S+k` would have it
     config: dict[str, Any]
     record: RunDir
-    decision: Decision
+    decision: Decision = None  # type: ignore[assignment]  (dgrun.run decides it)
     payload: Optional[dict] = None       # the checkpoint it starts from (or is frozen at)
     bundle: Optional[Bundle] = None
     augment: Optional[Callable] = None
@@ -85,6 +86,11 @@ class Member:
     @property
     def trains(self) -> bool:
         return not self.decision.finished
+
+
+def describe(m: Member, size: int) -> dict:
+    """What a member's summary.json says of its ensemble."""
+    return {"size": size, "member": m.k}
 
 
 def member_path(run_dir: Path, k: int) -> Path:
@@ -105,12 +111,24 @@ def member_overrides(overrides: Optional[list[str]], seed: int) -> list[str]:
     return keep + [f"seed={seed}"]
 
 
-def check(cfg: RunConfig) -> None:
+def check(cfg: RunConfig, run_dir: Optional[Path] = None) -> None:
     """Refuse what an ensemble cannot train exactly as N separate runs, in one line."""
     if cfg.optimizer.name not in ELEMENTWISE:
         raise UserError(f"trainer.ensemble needs an elementwise optimizer ({', '.join(ELEMENTWISE)})"
                         f"; '{cfg.optimizer.name}' would mix the members' updates",
                         "use trainer.ensemble=1 (or a sweep over seed) with this optimizer")
+    if run_dir is not None and RunDir(run_dir).has_record():
+        raise UserError(f"{run_dir} holds a single run; an ensemble writes member_<k>/ folders",
+                        "use a new hydra.run.dir for the ensemble")
+
+
+def members(cfg: RunConfig, run_dir: Path, config: dict[str, Any]) -> list[Member]:
+    """The N separate runs the ensemble is: member k is `seed=S+k` in `member_<k>/`."""
+    out = []
+    for k in range(cfg.trainer.ensemble):
+        mcfg = replace(cfg, seed=cfg.seed + k, trainer=replace(cfg.trainer, ensemble=1))
+        out.append(Member(k, mcfg, member_config(config, k), RunDir(member_path(run_dir, k))))
+    return out
 
 
 def lockstep(members: list[Member]) -> int:
@@ -121,7 +139,7 @@ def lockstep(members: list[Member]) -> int:
     start = min(steps.values())
     for m in members:
         if not m.trains:
-            m.payload = checkpoint.load_latest(m.record.checkpoints)
+            m.payload = m.decision.payload
         elif steps[m.k] == start:
             m.payload = m.decision.payload
         elif start == 0:  # a kill during the first checkpoint round: start over with the rest
@@ -146,72 +164,6 @@ def _checkpoint_at(m: Member, step: int, steps: dict[int, int]) -> dict:
                     "/member_K, the same other overrides), or trainer.resume=false")
 
 
-def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
-        job_num: Optional[int] = None, overrides: Optional[list[str]] = None,
-        on_start: Optional[Callable[[RunDir], None]] = None, parallel_jobs: int = 1) -> dict:
-    """Train the ensemble into run_dir/member_<k>/ (see the module docstring); returns the
-    ensemble's summary (ensemble.json). Like dgrun.run.run, nothing is written before every
-    member's decision is known and every check has passed."""
-    check(cfg)
-    run_dir = Path(run_dir)
-    if RunDir(run_dir).has_record():
-        raise UserError(f"{run_dir} holds a single run; an ensemble writes member_<k>/ folders",
-                        "use a new hydra.run.dir for the ensemble")
-    members = []
-    for k in range(cfg.trainer.ensemble):
-        mcfg = replace(cfg, seed=cfg.seed + k, trainer=replace(cfg.trainer, ensemble=1))
-        record = RunDir(member_path(run_dir, k))
-        mconfig = member_config(config, k)
-        members.append(Member(k, mcfg, mconfig, record, decide(record, mconfig, mcfg.trainer)))
-    if not any(m.trains for m in members):
-        print(f"dgrun: {run_dir}: all {len(members)} members already finished; nothing to do",
-              file=sys.stderr)
-        return aggregate([m.decision.summary or {} for m in members], run_dir)
-    start = lockstep(members)
-    sinks = [trackers.build(cfg.logger) if m.trains else None for m in members]
-    device = runtime.configure(threads=runtime.start_threads(cfg.threads, parallel_jobs),
-                               deterministic=cfg.deterministic, device=cfg.device,
-                               job_num=job_num)
-    stack, parts = build(cfg, members, device)
-    if cfg.threads == "auto" and device.type == "cpu":  # the whole stack's step counts
-        x = members[0].bundle.train.x[:1]
-        batch = members[0].bundle.prepare(x.expand(parts.plan.batch_size, *x.shape[1:]))
-        macs = runtime.step_macs(stack.views[0], batch) * len(members)
-        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
-    restore(stack, parts, members)
-    meta, plan = members[0].bundle.meta, parts.plan
-    log.info("%s | %s (%d params) x %d: seeds %d..%d | %s p=%s | %d train / %d test | %s | "
-             "%d steps/epoch | %s", meta.name, cfg.model.name,
-             models.count_params(stack.views[0]), len(members), cfg.seed,
-             cfg.seed + len(members) - 1, cfg.corruption.name, cfg.corruption.prob,
-             len(members[0].bundle.train), len(members[0].bundle.test), device,
-             plan.steps_per_epoch, f"from step {start}" if start else "from the start")
-    # From here on files are written.
-    head = RunDir(run_dir / ".ensemble")
-    head.path.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
-        on_start(head)
-    guard = PreemptionGuard()
-    for m, m_sinks in zip(members, sinks):
-        if m.trains:
-            m.recorder = _recorder(m, m_sinks, stack, parts, guard, overrides, device, start)
-    try:
-        with guard, parts.bar:
-            fit(stack, parts, members, guard, start)
-    except BaseException as e:
-        for m in members:
-            if m.recorder is not None and m.state.status == "running":
-                m.state.status, m.recorder.facts.error = FAILED, f"{type(e).__name__}: {e}"
-                m.recorder.sinks.finish(m.recorder.write_summary(m.state))
-        raise
-    summary = aggregate([m.summary or m.decision.summary or {} for m in members], run_dir)
-    write_json(run_dir / "ensemble.json", summary)
-    log.info("%s: %d members: %s", run_dir, len(members), summary["stop_reason"])
-    if summary["status"] == PREEMPTED:
-        guard.forward()
-    return summary
-
-
 def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, Parts]:
     """Each member's data, model, objective and probes as its own run builds them, then the
     stack, one optimizer and schedule over it, and the plan."""
@@ -220,11 +172,12 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
     per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
     per_member |= cfg.subset.fraction is not None and cfg.subset.seed is None  # own subsets
     per_member |= cfg.data_follows_seed  # own data: dataset.seed / split_seed null
-    shared = None if per_member else _load(cfg, device)
+    shared = None if per_member else load_data(cfg, device)
     modules = []
     for m in members:
         seed_everything(m.cfg.seed)  # what a separate run seeds before building
-        m.bundle = _load(m.cfg, device) if per_member else shared
+        # A member's data is derived from its own config (seed S+k), as its separate run's.
+        m.bundle = load_data(m.cfg, device) if per_member else shared
         meta = m.bundle.meta
         m.augment = augmentation.build(cfg.pipeline.get("augment"), seed=m.cfg.seed,
                                        modality=meta.modality, input_shape=meta.input_shape)
@@ -254,25 +207,13 @@ def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[
     return stack, Parts(cfg, plan, snapshot_points, optimizer, scheduler, eval_loss, bar, device)
 
 
-def _load(cfg: RunConfig, device: torch.device) -> Bundle:
-    return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
-                         corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                         apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
-                         subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
-                         ).to(device)
-
-
 def restore(stack: Stack, parts: Parts, members: list[Member]) -> None:
-    """Put each member's checkpoint into its slices; the optimizer and schedule state (shared
-    counters) from the first member that trains."""
+    """Put each member's checkpoint into its slices (every piece on the run's device); the
+    optimizer and schedule state (shared counters) from the first member that trains."""
     for m in members:
         if m.payload is not None:
             stack.load_member(m.k, m.payload["model"])
-            m.objective.load_state_dict(m.payload.get("objective", {}))
-            saved = m.payload.get("probes", {})
-            for probe in m.probes:
-                if probe.name in saved:
-                    probe.load_state_dict(saved[probe.name])
+            restore_extras(m.payload, m.objective, m.probes, parts.device)
         if m.trains and m.payload is not None:
             m.state = State(**m.payload["state"])
             m.state.status, m.state.stop_reason = "running", None
@@ -309,24 +250,10 @@ class _OptimizerSlice:
                                       self.k)
 
 
-def _recorder(m: Member, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
-              guard: PreemptionGuard, overrides: Optional[list[str]], device: torch.device,
-              start: int) -> Recorder:
-    m.record.path.mkdir(parents=True, exist_ok=True)
-    if m.decision.clear:
-        log.warning("%s: replacing the previous run's record (%s)", m.record.path,
-                    m.decision.why)
-        m.record.clear()
-    described = describe(m.cfg, m.bundle, device)
-    described["ensemble"] = {"size": len(stack.views), "member": m.k}
-    facts = Facts(described=described, params=models.count_params(stack.views[m.k]),
-                  config=m.config, overrides=member_overrides(overrides, m.cfg.seed),
-                  subset_rows=m.bundle.subset)
-    if m.payload is not None:
-        facts.resumed_at_steps = list((m.decision.summary or {}).get("resumed_at_steps", []))
-        facts.resumed_at_steps.append(start)
-    claim_tracker_files(m.record, m.cfg.logger)
-    sinks.start(m.record.path, m.config, resume=m.payload is not None)
+def recorder(m: Member, facts: Facts, sinks: trackers.TrackerSet, stack: Stack, parts: Parts,
+             guard: PreemptionGuard) -> Recorder:
+    """Member k's hooks: its slices of the stack saved as a single run's checkpoint."""
+    facts.described["ensemble"] = describe(m, len(stack.views))
     recorder = Recorder(m.record, facts, model=_ModelSlice(stack, m.k),
                         optimizer=_OptimizerSlice(parts.optimizer, stack, m.k),
                         scheduler=parts.scheduler, probes=m.probes,

@@ -1,7 +1,11 @@
 """Atomic file writes: a reader (or a kill) never sees half a file.
 
-Everything dgrun writes into a run directory goes through here: the data goes to a temporary
-file beside the target, is flushed and fsynced, and `os.replace` puts it in place in one step.
+Everything dgrun writes into a run directory goes through here (checkpoints, summary.json,
+metrics.csv when rewritten, plots, `.hydra/*.yaml`, the manifest, analysis outputs, report
+files): the data goes to a temporary file beside the target (`.<name>.tmp-<pid>`, a name
+dgrun.rundir sweeps when a killed writer left one), is flushed (and fsynced where a power loss
+must not lose it), and `os.replace` puts it in place in one step. Appends (metrics rows) are
+fsynced at every checkpoint (`fsync_file`).
 """
 from __future__ import annotations
 
@@ -53,9 +57,32 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: dict) -> Path:
+def write_json(path: Path, data: dict, *, fsync: bool = False) -> Path:
     text = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False) + "\n"
-    return write_atomic(path, lambda f: f.write(text.encode()), fsync=False)
+    return write_text(path, text, fsync=fsync)
+
+
+def write_text(path: Path, text: str, *, fsync: bool = False) -> Path:
+    return write_atomic(Path(path), lambda f: f.write(text.encode()), fsync=fsync)
+
+
+def write_figure(fig, path: Path, **savefig) -> Path:
+    """`fig.savefig` into place atomically (the format from the file's suffix)."""
+    path = Path(path)
+    return write_atomic(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png",
+                                                    **savefig), fsync=False)
+
+
+def fsync_file(path: Path) -> None:
+    """Make what was appended to `path` durable (a checkpoint's companions: metrics.csv)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> dict:

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # runs on clusters and CI: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dgrun.files import write_figure  # noqa: E402
 from dgrun.metrics import number  # noqa: E402
 
 Mark = tuple[int, str]
@@ -177,6 +178,8 @@ def save_figure(fig, path: Path) -> Path:
     """Lay out, write and close a per-run figure (closed: a sweep in one process draws
     hundreds)."""
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path

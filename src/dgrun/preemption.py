@@ -1,9 +1,10 @@
 """Signals that end a run early but cleanly: finish the step, checkpoint, exit as `preempted`.
 
 SIGTERM (scancel, Slurm's time limit), SIGINT (Ctrl-C), SIGUSR1/SIGUSR2 (submitit sends USR2
-before the time limit) all ask the loop to stop after the current step. A second Ctrl-C stops at
-once. Handlers that were installed before ours (submitit's requeue handler) are called after the
-checkpoint is written, so a cluster launcher still requeues the job.
+before the time limit) all ask the loop to stop after the current step (the command then exits
+0, or 130 for Ctrl-C: dgrun.cli). A second Ctrl-C stops at once. Handlers that were installed
+before ours (submitit's requeue handler) are called after the checkpoint is written, so a
+cluster launcher still requeues the job (Ctrl-C is not forwarded: it is the user's).
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class PreemptionGuard:
         one is reported as not completed.
         """
         handler = self._previous.get(self.received) if self.received is not None else None
-        if callable(handler) and handler not in (signal.default_int_handler,):
+        # Ctrl-C is the user's, not a launcher's: the command reports it itself (exit 130).
+        if callable(handler) and self.received != signal.SIGINT:
             handler(self.received, None)
         if self.received is not None and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             raise SystemExit(128 + int(self.received))

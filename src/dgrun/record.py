@@ -15,7 +15,7 @@ import numpy as np
 
 from dgrun import checkpoint
 from dgrun.data import subset
-from dgrun.files import write_atomic, write_json
+from dgrun.files import fsync_file, read_json, write_atomic, write_json
 from dgrun.metrics import MetricsFile, versions
 from dgrun.plots import divergence_step, plot_run
 from dgrun.preemption import PreemptionGuard
@@ -23,7 +23,7 @@ from dgrun.probes import Probe
 from dgrun.rundir import RunDir
 from dgrun.seeding import rng_state
 from dgrun.status import DIVERGED, STOPPED
-from dgrun.trackers import TrackerSet
+from dgrun.trackers import STATE_FILE, TrackerSet
 from dgrun.train import State
 
 log = logging.getLogger("dgrun")
@@ -123,14 +123,17 @@ class Recorder:
             self.record.claim(checkpoint.snapshot_path(self.record.checkpoints, state.step))
         checkpoint.save(payload, self.record.checkpoints,
                         snapshot_step=state.step if keep else None)
-        self.write_summary(state)
+        # The checkpoint's companions are made as durable as it (a power loss, not only a
+        # kill): the rows appended since the last one, and the summary that describes it.
+        fsync_file(self.record.metrics)
+        self.write_summary(state, fsync=True)
 
     def stop_requested(self) -> Optional[str]:
         return self.guard.signal_name
 
-    def write_summary(self, state: State) -> dict:
+    def write_summary(self, state: State, fsync: bool = False) -> dict:
         summary = summarize(state, self.facts, self.probes)
-        write_json(self.record.claim(self.record.summary), summary)
+        write_json(self.record.claim(self.record.summary), summary, fsync=fsync)
         return summary
 
     def finish(self, state: State, *, log_x: bool, title: str) -> dict:
@@ -155,3 +158,26 @@ class Recorder:
         self.sinks.log_images(written, state.step)
         self.sinks.finish(summary)
         return summary
+
+
+TRACKERS_UNFINISHED = "the trackers' finish"
+
+
+def missing_derived(record: RunDir) -> list[str]:
+    """What a finished run should have and does not: the files its last moments write."""
+    missing = []
+    try:
+        if not isinstance(read_json(record.summary), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        missing.append(record.summary.name)
+    plots = {"plots/loss.png", "plots/accuracy.png"} | {
+        e for e in record.owned() if e.startswith("plots/") and not e.endswith("/")}
+    missing += sorted(p for p in plots if not (record.path / p).is_file())
+    try:
+        state = read_json(record.path / STATE_FILE)
+        if any(isinstance(s, dict) and not s.get("finished") for s in state.values()):
+            missing.append(TRACKERS_UNFINISHED)
+    except (OSError, ValueError, AttributeError):
+        pass  # no trackers (or a damaged state file: nothing to continue)
+    return missing

@@ -25,6 +25,7 @@ import yaml
 
 from dgrun import readback
 from dgrun.errors import UserError, os_problem
+from dgrun.files import write_text
 from dgrun.status import HAS_FINAL_NUMBERS as FINISHED
 from dgrun.stopping import interpolates
 
@@ -260,7 +261,7 @@ def why(row: pd.Series) -> str:
 
 
 def write_table(table: pd.DataFrame, out: Path) -> list[str]:
-    table.to_csv(out / "runs.csv", index=False)
+    write_text(out / "runs.csv", table.to_csv(index=False))
     notes = []
     try:
         table.to_parquet(out / "runs.parquet", index=False)

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dgrun.files import write_figure, write_text  # noqa: E402
 from dgrun.status import HAS_FINAL_NUMBERS as FINISHED  # noqa: E402
 DASHES = ("solid", "dash", "dot", "dashdot")
 MPL_DASHES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-."}
@@ -357,8 +358,10 @@ def save_png(fig: Figure, out: Path) -> Path:
         warnings.simplefilter("ignore", UserWarning)
         canvas.tight_layout(rect=(0, 0.04 if fig.note else 0, 1, 1))
     path = out / f"{fig.name}.png"
-    canvas.savefig(path, bbox_inches="tight")
-    plt.close(canvas)
+    try:
+        write_figure(canvas, path, bbox_inches="tight")
+    finally:
+        plt.close(canvas)
     return path
 
 
@@ -439,5 +442,5 @@ td,th{{padding:2px 8px;border-bottom:1px solid #ddd}} .note{{color:#555;font-siz
     if not figures:  # the page still needs no network: nothing to embed
         page = page.replace("<h1>", "<p>No figures apply to these runs.</p><h1>", 1)
     path = out / "report.html"
-    path.write_text(page)
+    write_text(path, page)
     return path

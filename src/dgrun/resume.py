@@ -5,7 +5,8 @@
     resume     an interrupted run (running, preempted, failed): continue from its checkpoint
     continue   an ended run whose rule no longer holds under this command (a bigger budget,
                `stop_at_interpolation=false`, a looser stall rule): continue from its checkpoint
-    finished   an ended run with nothing more to do: touch nothing, return its summary
+    finished   an ended run with nothing more to do: touch nothing (but re-make a derived file
+               a kill took away; dgrun.run), return its summary
 
 A checkpoint written with another config is refused (UserError naming the keys), and the
 directory is left exactly as it was.
@@ -91,8 +92,8 @@ def decide(record: RunDir, config: dict, trainer: TrainerConfig) -> Decision:
         return Decision("resume", payload=payload, summary=summary,
                         why=f"{state['status']} at step {state['step']}")
     reason = more_to_do(state, trainer)
-    if reason is None:
-        return Decision("finished", summary=summary or _summary_of(state),
+    if reason is None:  # the payload: what a finished run's missing files are re-made from
+        return Decision("finished", payload=payload, summary=summary or _summary_of(state),
                         why=f"{state['status']} ({state['stop_reason']})")
     return Decision("continue", payload=payload, summary=summary, why=reason)
 
@@ -135,7 +136,10 @@ def _steps_per_epoch(state: dict) -> int:
 
 def _read_summary(record: RunDir) -> dict:
     try:
-        return read_json(record.summary)
+        summary = read_json(record.summary)
+        if not isinstance(summary, dict):
+            raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+        return summary
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:

@@ -1,77 +1,52 @@
-"""One run, assembled: decide -> build -> fit -> record.
+"""One run, or an ensemble's N member runs, assembled: hold -> decide -> build -> fit -> record.
 
+    hold     the run directory's lock (dgrun.rundir.RunLock; an ensemble's and each member's):
+             one writer; a second command is refused in one line naming the holder
     decide   from the run directory alone: fresh, resume, continue, finished, or refused
-             (dgrun.resume), before any data is read or any file is touched
+             (dgrun.resume), before any data is read or any file is touched. A finished run
+             missing a derived file (summary.json, plots, a tracker's finish) is repaired from
+             its final checkpoint, without training
     build    data, model, optimizer, schedule, objective, probes, the plan (all plain
-             arguments: each builder is usable from Python without Hydra)
-    fit      dgrun.train.fit, with a Recorder as its hooks
-    record   summary.json, plots (dgrun.record)
+             arguments: each builder is usable from Python without Hydra; dgrun.assemble)
+    restore  a checkpoint back, every piece of it on the run's device
+    fit      dgrun.train.fit with a Recorder as its hooks; an ensemble's members go through
+             dgrun.ensemble_fit.fit over their stacked parameters (dgrun.ensemble)
+    record   summary.json, plots (dgrun.record); `failed` and the reason when fit raises
 
-The only module that knows both the config and the components.
+The only module that knows both the config and the components, and the one place that
+decides, holds, restores and records, for one run or N members.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from dgrun import models, optim, probes, progress, runtime, trackers
-from dgrun.config import RunConfig, TrainerConfig
+from dgrun import ensemble, models, optim, probes, progress, runtime, trackers
+from dgrun.assemble import (claim_tracker_files, describe, load_data, log_points,  # noqa: F401
+                            make_plan, restore_extras)
+from dgrun.config import RunConfig
 from dgrun.data import augment as augmentation
-from dgrun.data import pipeline, subset
 from dgrun.data.bundle import Bundle
+from dgrun.ensemble_fit import fit as fit_members
+from dgrun.files import write_json
 from dgrun.losses import LOSSES
 from dgrun.objectives import OBJECTIVES, Objective
 from dgrun.preemption import PreemptionGuard
-from dgrun.record import Facts, Recorder
-from dgrun.resume import decide
-from dgrun.rundir import RunDir
+from dgrun.record import TRACKERS_UNFINISHED, Facts, Recorder, missing_derived
+from dgrun.resume import Decision, decide
+from dgrun.rundir import RunDir, RunLock, sweep_temporary
 from dgrun.seeding import seed_everything, set_rng_state
 from dgrun.status import FAILED, PREEMPTED
 from dgrun.train import Plan, State, fit
 
 log = logging.getLogger("dgrun")
-
-
-def log_points(per_decade: int, limit: int = 10**12) -> set[int]:
-    points, k = set(), 0
-    while (p := round(10 ** (k / per_decade))) <= limit:
-        points.add(p)
-        k += 1
-    return points
-
-
-def make_plan(t: TrainerConfig, n_train: int, seed: int) -> tuple[Plan, set[int]]:
-    batch = n_train if t.batch_size is None else min(t.batch_size, n_train)
-    spe = math.ceil(n_train / batch)
-    budgets = [(t.max_steps, "max_steps")]
-    if t.max_epochs is not None:
-        budgets.append((t.max_epochs * spe, "max_epochs"))
-    budgets = [b for b in budgets if b[0] is not None]
-    max_steps, reason = min(budgets) if budgets else (None, "max_time_s")
-    unit = spe if t.unit == "epoch" else 1
-    if t.eval_schedule == "log":
-        eval_points = log_points(t.eval_per_decade)
-        is_eval = eval_points.__contains__
-    else:
-        is_eval = lambda step: step % (t.eval_every * unit) == 0  # noqa: E731
-    snapshot_points = log_points(4) if t.snapshots == "log" else set()
-    every = t.checkpoint_every * unit
-    is_ckpt = lambda step: (every > 0 and step % every == 0) or step in snapshot_points  # noqa
-    plan = Plan(seed=seed, batch_size=batch, steps_per_epoch=spe, max_steps=max_steps,
-                max_time_s=t.max_time_s, is_eval_step=is_eval, is_checkpoint_step=is_ckpt,
-                stop_at_interpolation=t.stop_at_interpolation,
-                interpolation_threshold=t.interpolation_threshold,
-                interpolation_loss=t.interpolation_loss, grad_clip=t.grad_clip,
-                eval_batch_size=t.eval_batch_size, max_steps_reason=reason,
-                stall_patience=t.stall_patience, stall_min_delta=t.stall_min_delta,
-                min_lr=t.min_lr, precision=t.precision, channels_last=t.channels_last)
-    return plan, snapshot_points
 
 
 @dataclass
@@ -91,11 +66,7 @@ class Parts:
 
 
 def build(cfg: RunConfig, device: torch.device) -> Parts:
-    bundle = pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
-                           corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                           apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
-                           subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
-                           ).to(device)
+    bundle = load_data(cfg, device)
     meta = bundle.meta
     augment = augmentation.build(cfg.pipeline.get("augment"), seed=cfg.seed,
                                  modality=meta.modality, input_shape=meta.input_shape)
@@ -123,51 +94,28 @@ def build(cfg: RunConfig, device: torch.device) -> Parts:
                  probe_list, plan, snapshot_points)
 
 
-def restore(parts: Parts, payload: dict) -> State:
-    """Put a checkpoint back: module, optimizer, schedule, probes, every RNG, the counters."""
+def restore(parts: Parts, payload: dict, device: Optional[torch.device] = None) -> State:
+    """Put a checkpoint back: module, optimizer, schedule, probes, every RNG, the counters.
+
+    Checkpoints load onto the CPU; every piece goes to the run's `device` (default: where its
+    data lives): the module and optimizer copy into their own tensors, the objective's and the
+    probes' state is moved (dgrun.assemble.restore_extras)."""
+    device = device if device is not None else parts.bundle.train.x.device
     state = State(**payload["state"])
     parts.model.load_state_dict(payload["model"])
-    parts.optimizer.load_state_dict(payload["optimizer"])
+    parts.optimizer.load_state_dict(payload["optimizer"])  # cast to each parameter's device
     parts.scheduler.load_state_dict(payload["scheduler"])
-    parts.objective.load_state_dict(payload.get("objective", {}))
-    saved = payload.get("probes", {})
-    for probe in parts.probes:
-        if probe.name in saved:
-            probe.load_state_dict(saved[probe.name])
+    restore_extras(payload, parts.objective, parts.probes, device)
     set_rng_state(payload["rng"])
     state.status, state.stop_reason = "running", None
     return state
 
 
-def describe(cfg: RunConfig, bundle: Bundle, device: torch.device) -> dict[str, Any]:
-    """What the run applied, as summary.json records it (a report labels runs by this)."""
-    corrupted = int(bundle.train.corrupted.sum())
-    return {
-        "seed": cfg.seed, "dataset": cfg.dataset.name, "model": cfg.model.name,
-        "corruption": {"name": cfg.corruption.name, "prob": cfg.corruption.prob,
-                       "seed": cfg.corruption_seed,
-                       "apply_to_test": cfg.corruption.apply_to_test,
-                       "train_rows_changed": corrupted},
-        "optimizer": cfg.optimizer.name, "objective": cfg.objective.name,
-        "input_shape": list(bundle.meta.input_shape),
-        "train_size": len(bundle.train), "test_size": len(bundle.test),
-        "device": str(device), "threads": torch.get_num_threads(),
-        **describe_subset(cfg, bundle),
-    }
-
-
-def describe_subset(cfg: RunConfig, bundle: Bundle) -> dict[str, Any]:
-    """summary.json's `subset` (its rows: subset.npy), when the run trains on one."""
-    if bundle.subset is None:
-        return {}
-    return {"subset": {"fraction": cfg.subset.fraction, "seed": cfg.subset_seed,
-                       "size": len(bundle.subset), "file": subset.RECORD_FILE}}
-
-
 def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
         job_num: Optional[int] = None, overrides: Optional[list[str]] = None,
         on_start: Optional[Callable[[RunDir], None]] = None, parallel_jobs: int = 1) -> dict:
-    """Train one run into `run_dir`, or continue it, or leave it be when it has finished.
+    """Train one run into `run_dir` (or, for trainer.ensemble=N, N member runs into its
+    member_<k>/ folders), or continue it, or leave it be when it has finished.
 
     config: the resolved config (stored with every checkpoint: a resume must match it).
     job_num: the job's number in a sweep (picks its GPU when several are visible).
@@ -175,65 +123,163 @@ def run(cfg: RunConfig, run_dir: Path, config: dict[str, Any], *,
     on_start: called once the run will train, before anything is written (the CLI writes
     `.hydra/` there, so a refused or finished run's directory stays exactly as it was).
     """
-    if cfg.trainer.ensemble > 1:  # N seeds in this process, one run directory each
-        from dgrun import ensemble
-        return ensemble.run(cfg, run_dir, config, job_num=job_num, overrides=overrides,
-                            parallel_jobs=parallel_jobs,
-                            on_start=on_start)
-    record = RunDir(run_dir)
-    decision = decide(record, config, cfg.trainer)
-    if decision.finished:
-        # On the terminal only: a run left as it was gets no new line in its log file either.
-        print(f"dgrun: {run_dir} already finished: {decision.why}; nothing to do",
-              file=sys.stderr)
-        return decision.summary
+    run_dir = Path(run_dir)
+    size = cfg.trainer.ensemble
+    if size > 1:
+        ensemble.check(cfg, run_dir)
+    members = [ensemble.member_path(run_dir, k) for k in range(size)] if size > 1 else []
+    with contextlib.ExitStack() as locks:
+        for path in [run_dir, *members]:  # before any decision: one writer while it is made
+            locks.enter_context(RunLock(path))
+        setup = Setup(job_num, overrides, parallel_jobs)
+        if size > 1:
+            return _run_ensemble(cfg, run_dir, config, setup, on_start)
+        return _run_one(cfg, run_dir, config, setup, on_start)
+
+
+@dataclass
+class Setup:
+    """How this command runs its runs (not what they compute)."""
+    job_num: Optional[int]
+    overrides: Optional[list[str]]
+    parallel_jobs: int
+
+    def device(self, cfg: RunConfig) -> torch.device:
+        return runtime.configure(threads=runtime.start_threads(cfg.threads, self.parallel_jobs),
+                                 deterministic=cfg.deterministic, device=cfg.device,
+                                 job_num=self.job_num)
+
+    def auto_threads(self, cfg: RunConfig, device: torch.device, model, bundle: Bundle,
+                     batch_size: int, copies: int = 1) -> None:
+        if cfg.threads == "auto" and device.type == "cpu":
+            x = bundle.train.x[:1]
+            macs = runtime.step_macs(model, bundle.prepare(x.expand(batch_size, *x.shape[1:])))
+            torch.set_num_threads(runtime.auto_threads(macs * copies, self.parallel_jobs))
+
+
+def _decide(record: RunDir, config: dict, cfg: RunConfig) -> Decision:
+    """Held, so the temporary files of half-done writes here are a dead process's: sweep
+    them, then decide."""
+    for path in sweep_temporary(record.path):
+        log.info("%s: removed %s (left by an interrupted write)", record.path, path.name)
+    return decide(record, config, cfg.trainer)
+
+
+def _prepare(record: RunDir, decision: Decision) -> None:
+    """The directory ready to be written: made, and an earlier record removed if replaced."""
     record.path.mkdir(parents=True, exist_ok=True)
     if decision.clear:
-        log.warning("%s: replacing the previous run's record (%s)", run_dir, decision.why)
-        record.clear()
+        log.warning("%s: replacing the previous run's record (%s)", record.path, decision.why)
+        record.clear(analyses=True)
+
+
+def _facts(cfg: RunConfig, config: dict, bundle: Bundle, model, device: torch.device,
+           batch_size: int, overrides: Optional[list[str]], decision: Decision,
+           start: Optional[int]) -> Facts:
+    facts = Facts(described=describe(cfg, bundle, device), params=models.count_params(model),
+                  config=config, overrides=overrides, train_size=len(bundle.train),
+                  batch_size=batch_size, subset_rows=bundle.subset)
+    before = decision.summary or {}
+    if start is not None:  # resumed or continued at `start`
+        facts.resumed_at_steps = list(before.get("resumed_at_steps", [])) + [start]
+    return facts
+
+
+def _run_one(cfg: RunConfig, run_dir: Path, config: dict, setup: Setup,
+             on_start: Optional[Callable[[RunDir], None]]) -> dict:
+    record = RunDir(run_dir)
+    decision = _decide(record, config, cfg)
+    if decision.finished:
+        return _finished(cfg, record, config, setup, decision)
+    _prepare(record, decision)
     if on_start is not None:
         on_start(record)
     sinks = trackers.build(cfg.logger)  # before the data: a tracker that cannot start says so
-    auto = cfg.threads == "auto"
-    device = runtime.configure(threads=runtime.start_threads(cfg.threads, parallel_jobs),
-                               deterministic=cfg.deterministic, device=cfg.device,
-                               job_num=job_num)
+    device = setup.device(cfg)
     seed_everything(cfg.seed)
     parts = build(cfg, device)
-    if auto and device.type == "cpu":
-        batch = parts.bundle.train.x[:1].expand(parts.plan.batch_size,
-                                                *parts.bundle.train.x.shape[1:])
-        macs = runtime.step_macs(parts.model, parts.bundle.prepare(batch))
-        torch.set_num_threads(runtime.auto_threads(macs, parallel_jobs))
-    facts = Facts(described=describe(cfg, parts.bundle, device),
-                  params=models.count_params(parts.model), config=config, overrides=overrides,
-                  train_size=len(parts.bundle.train), batch_size=parts.plan.batch_size,
-                  subset_rows=parts.bundle.subset)
+    setup.auto_threads(cfg, device, parts.model, parts.bundle, parts.plan.batch_size)
     state = State()
     if decision.payload is not None:
-        state = restore(parts, decision.payload)
-        facts.resumed_at_steps = list((decision.summary or {}).get("resumed_at_steps", []))
-        facts.resumed_at_steps.append(state.step)
+        state = restore(parts, decision.payload, device)
         log.info("%s: %s from step %d (%s)", run_dir,
                  "resuming" if decision.action == "resume" else "continuing", state.step,
                  decision.why)
+    facts = _facts(cfg, config, parts.bundle, parts.model, device, parts.plan.batch_size,
+                   setup.overrides, decision, state.step if decision.payload else None)
     claim_tracker_files(record, cfg.logger)
     sinks.start(record.path, config, resume=decision.payload is not None)
     return train(cfg, parts, state, record, facts, sinks)
 
 
-# Where each tracker writes inside the run directory by default (MLflow: unless it is given
-# its own tracking_uri), so `trainer.resume=false` removes those too.
-TRACKER_FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlruns"}
+def _finished(cfg: RunConfig, record: RunDir, config: dict, setup: Setup,
+              decision: Decision, quiet: bool = False, described: Optional[dict] = None) -> dict:
+    """A finished run: nothing to train; its derived files re-made if any is missing
+    (`described`: what its summary says besides dgrun.assemble.describe, e.g. its ensemble)."""
+    missing = missing_derived(record)
+    if not missing or decision.payload is None:
+        # On the terminal only: a run left as it was gets no new line in its log file either.
+        if not quiet:
+            print(f"dgrun: {record.path} already finished: {decision.why}; nothing to do",
+                  file=sys.stderr)
+        return decision.summary
+    summary = repair(cfg, record, config, setup, decision, tracker=TRACKERS_UNFINISHED in missing,
+                     described=described or {})
+    print(f"dgrun: {record.path} already finished: {decision.why}; repaired what was missing "
+          f"({', '.join(missing)}) from its final checkpoint, without training", file=sys.stderr)
+    return summary
 
 
-def claim_tracker_files(record: RunDir, logger: dict[str, dict]) -> None:
-    if not logger:
+def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision: Decision,
+           tracker: bool, described: dict) -> dict:
+    """Write a finished run's summary.json, plots (and its trackers' finish when `tracker`)
+    again from its final checkpoint: the record of the last moments a kill took away."""
+    device = setup.device(cfg)
+    seed_everything(cfg.seed)
+    parts = build(cfg, device)
+    ended = decision.payload["state"]
+    state = restore(parts, decision.payload, device)
+    state.status, state.stop_reason = ended["status"], ended["stop_reason"]
+    before = decision.summary or {}
+    facts = _facts(cfg, config, parts.bundle, parts.model, device, parts.plan.batch_size,
+                   before.get("overrides", setup.overrides), decision, None)
+    facts.resumed_at_steps = list(before.get("resumed_at_steps", []))
+    facts.described.update(described)
+    if isinstance(before.get("wall_s"), (int, float)):
+        facts.started = time.time() - before["wall_s"]
+    sinks = trackers.build(cfg.logger) if tracker else trackers.TrackerSet({})
+    if tracker:
+        sinks.start(record.path, config, resume=True)
+    recorder = _recorder(cfg, parts, record, facts, PreemptionGuard(),
+                         progress.NoProgress(None, 0), sinks)
+    return recorder.finish(state, log_x=cfg.trainer.eval_schedule == "log",
+                           title=_title(cfg, parts))
+
+
+def _title(cfg: RunConfig, parts: "Parts") -> str:
+    return f"{cfg.model.name} on {parts.bundle.meta.name}, corruption: {cfg.corruption.name}"
+
+
+def _recorder(cfg: RunConfig, parts: "Parts", record: RunDir, facts: Facts,
+              guard: PreemptionGuard, bar, sinks: trackers.TrackerSet) -> Recorder:
+    return Recorder(record, facts, model=parts.model, optimizer=parts.optimizer,
+                    scheduler=parts.scheduler, probes=parts.probes,
+                    snapshots=cfg.trainer.snapshots, snapshot_points=parts.snapshot_points,
+                    bar=bar, guard=guard, objective=parts.objective, sinks=sinks)
+
+
+def record_failure(recorder: Recorder, state: State, error: BaseException) -> None:
+    """The record says `failed` and why, if it can still be written (a full disk may not
+    let it: the last checkpoint and rows already written stay as they were)."""
+    state.status = FAILED
+    recorder.facts.error = f"{type(error).__name__}: {error}"
+    try:
+        summary = recorder.write_summary(state)
+    except OSError as e:
+        log.warning("%s: could not record the failure (%s)", recorder.record.path, e)
+        recorder.sinks.close()
         return
-    record.claim(record.path / trackers.STATE_FILE)
-    for name, options in logger.items():
-        if name in TRACKER_FOLDERS and not options.get("tracking_uri"):
-            record.folder(TRACKER_FOLDERS[name], whole=True)
+    recorder.sinks.finish(summary)
 
 
 def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Facts,
@@ -245,26 +291,20 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
              plan.steps_per_epoch)
     guard = PreemptionGuard()
     bar = progress.make(t.progress, plan.max_steps, t.log_every_s)
-    recorder = Recorder(record, facts, model=parts.model, optimizer=parts.optimizer,
-                        scheduler=parts.scheduler, probes=parts.probes, snapshots=t.snapshots,
-                        snapshot_points=parts.snapshot_points, bar=bar, guard=guard,
-                        objective=parts.objective, sinks=sinks or trackers.TrackerSet({}))
+    recorder = _recorder(cfg, parts, record, facts, guard, bar,
+                         sinks or trackers.TrackerSet({}))
     state.steps_per_epoch = plan.steps_per_epoch
-    recorder.start(state)
     try:
+        recorder.start(state)
         with guard, bar:
             state = fit(parts.model, parts.bundle.train, parts.bundle.test, parts.optimizer,
                         parts.scheduler, parts.objective, parts.eval_loss, plan, state, recorder,
                         augment=parts.augment, prepare=parts.bundle.prepare, probes=parts.probes,
                         val=parts.bundle.val, forward=parts.forward)
+        summary = recorder.finish(state, log_x=t.eval_schedule == "log", title=_title(cfg, parts))
     except BaseException as e:
-        state.status = FAILED
-        facts.error = f"{type(e).__name__}: {e}"
-        recorder.sinks.finish(recorder.write_summary(state))
+        record_failure(recorder, state, e)
         raise
-    summary = recorder.finish(state, log_x=t.eval_schedule == "log",
-                              title=f"{cfg.model.name} on {meta.name}, "
-                                    f"corruption: {cfg.corruption.name}")
     final = summary["final"]
     log.info("%s: %s (%s) after %d steps; train_acc %.4f test_acc %.4f; interpolation %s",
              record.path, state.status, state.stop_reason, state.step,
@@ -272,5 +312,68 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
              f"at step {state.interpolation['step']}" if state.interpolation["reached"]
              else "not reached")
     if state.status == PREEMPTED:
+        guard.forward()
+    return summary
+
+
+# ------------------------------------------------------------------ N members in lockstep
+def _run_ensemble(cfg: RunConfig, run_dir: Path, config: dict, setup: Setup,
+                  on_start: Optional[Callable[[RunDir], None]]) -> dict:
+    """The ensemble's members are runs like any other (decided, repaired, restored and
+    recorded as above); dgrun.ensemble adds their stack and its restore, and
+    dgrun.ensemble_fit their loop. Nothing is written before every member's decision is known
+    and every check has passed."""
+    members = ensemble.members(cfg, run_dir, config)
+    for m in members:
+        m.decision = _decide(m.record, m.config, m.cfg)
+    if not any(m.trains for m in members):
+        summaries = [_finished(m.cfg, m.record, m.config, setup, m.decision, quiet=True,
+                               described={"ensemble": ensemble.describe(m, len(members))})
+                     for m in members]
+        print(f"dgrun: {run_dir}: all {len(members)} members already finished; nothing to do",
+              file=sys.stderr)
+        return ensemble.aggregate([s or {} for s in summaries], run_dir)
+    start = ensemble.lockstep(members)
+    sinks = [trackers.build(cfg.logger) if m.trains else None for m in members]
+    device = setup.device(cfg)
+    stack, parts = ensemble.build(cfg, members, device)
+    setup.auto_threads(cfg, device, stack.views[0], members[0].bundle, parts.plan.batch_size,
+                       copies=len(members))
+    ensemble.restore(stack, parts, members)
+    meta, plan = members[0].bundle.meta, parts.plan
+    log.info("%s | %s (%d params) x %d: seeds %d..%d | %s p=%s | %d train / %d test | %s | "
+             "%d steps/epoch | %s", meta.name, cfg.model.name,
+             models.count_params(stack.views[0]), len(members), cfg.seed,
+             cfg.seed + len(members) - 1, cfg.corruption.name, cfg.corruption.prob,
+             len(members[0].bundle.train), len(members[0].bundle.test), device,
+             plan.steps_per_epoch, f"from step {start}" if start else "from the start")
+    # From here on files are written.
+    head = RunDir(run_dir / ".ensemble")
+    head.path.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start(head)
+    guard = PreemptionGuard()
+    for m, m_sinks in zip(members, sinks):
+        if m.trains:
+            _prepare(m.record, m.decision)
+            facts = _facts(m.cfg, m.config, m.bundle, stack.views[m.k], device,
+                           plan.batch_size, ensemble.member_overrides(setup.overrides, m.cfg.seed),
+                           m.decision, start if m.payload is not None else None)
+            claim_tracker_files(m.record, m.cfg.logger)
+            m_sinks.start(m.record.path, m.config, resume=m.payload is not None)
+            m.recorder = ensemble.recorder(m, facts, m_sinks, stack, parts, guard)
+    try:
+        with guard, parts.bar:
+            fit_members(stack, parts, members, guard, start)
+    except BaseException as e:
+        for m in members:
+            if m.recorder is not None and m.state.status == "running":
+                record_failure(m.recorder, m.state, e)
+        raise
+    summary = ensemble.aggregate([m.summary or m.decision.summary or {} for m in members],
+                                 run_dir)
+    write_json(run_dir / "ensemble.json", summary)
+    log.info("%s: %d members: %s", run_dir, len(members), summary["stop_reason"])
+    if summary["status"] == PREEMPTED:
         guard.forward()
     return summary

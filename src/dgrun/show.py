@@ -4,7 +4,9 @@
     dgrun show multirun/2026-11-24/10-00-00    a sweep: one line per run
 
 Read from the run directories only (summary.json, metrics.csv, the stored config), so it works
-on runs still training, killed, failed or finished, here or on a cluster's shared disk.
+on runs still training, killed, failed or finished, here or on a cluster's shared disk. A run
+whose summary says `running` while no process holds its directory's lock is shown as `killed
+at step N`, N from its last metrics row.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from dgrun.errors import UserError
+from dgrun.rundir import holder
 
 LAST_ROWS = 5
 STYLE = {"completed": "green", "stopped": "green", "running": "yellow", "preempted": "yellow",
-         "unknown": "yellow"}
+         "unknown": "yellow", "killed": "red"}
 
 
 def _fmt(value) -> str:
@@ -36,11 +39,27 @@ def show(paths: list[Path], rows: int = LAST_ROWS) -> None:
 
     run_dirs = report.find_run_dirs(paths)
     table, curves, keys = report.build_table(run_dirs)
+    table = killed(table, curves)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if len(table) == 1:
         _one(console, table.iloc[0], curves.get(table.iloc[0]["run_dir"]), rows)
     else:
         _many(console, table, report.swept_columns(table, keys))
+
+
+def killed(table: pd.DataFrame, curves: dict) -> pd.DataFrame:
+    """A run whose summary says `running` but whose directory no live process holds (its
+    lock died with it: SIGKILL, a crash, a lost node) is `killed`, at the step of its last
+    metrics row (summary.json is only as new as its last checkpoint)."""
+    table = table.copy()
+    for i, run in table.iterrows():
+        if run["status"] != "running" or holder(Path(run["run_dir"])) is not None:
+            continue
+        table.at[i, "status"] = "killed"
+        curve = curves.get(run["run_dir"])
+        if curve is not None and len(curve) and "step" in curve:
+            table.at[i, "steps"] = curve["step"].iloc[-1]
+    return table
 
 
 def _one(console, run: pd.Series, curve, rows: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from dgrun.errors import UserError
+from dgrun.files import write_text
 
 SBATCH_TIMEOUT_S = 120
 
@@ -239,12 +240,6 @@ def render(args: argparse.Namespace, n_tasks: int, sweep_dir: Path, workdir: Pat
         raise UserError(f"the template {path} is malformed: {e}")
 
 
-def write_text(path: Path, text: str) -> Path:
-    from dgrun.files import write_atomic
-
-    return write_atomic(path, lambda f: f.write(text.encode()))
-
-
 def submit(script: Path) -> str:
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True,
@@ -296,9 +291,9 @@ def _main(argv: list[str]) -> int:
     check_sweep_dir(sweep_dir, lines)
     (sweep_dir / "slurm").mkdir(parents=True, exist_ok=True)
     # Whole files or none: an array of an earlier submission may be reading its own file now.
-    write_text(tasks_file, numbered(lines))
-    write_text(sweep_dir / "tasks.txt", "".join(line + "\n" for line in lines))
-    script_path = write_text(sweep_dir / "slurm" / "array.sbatch", script)
+    write_text(tasks_file, numbered(lines), fsync=True)
+    write_text(sweep_dir / "tasks.txt", "".join(line + "\n" for line in lines), fsync=True)
+    script_path = write_text(sweep_dir / "slurm" / "array.sbatch", script, fsync=True)
     job_id = submit(script_path)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     with open(sweep_dir / "slurm" / "jobs.txt", "a") as f:

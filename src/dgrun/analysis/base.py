@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from dgrun.data.bundle import Bundle
 from dgrun.errors import UserError
+from dgrun.files import write_text
 from dgrun.registry import Registry
 
 ANALYSES = Registry("analysis")
@@ -188,10 +189,10 @@ def write(result: Result, out_dir: Path, plot: Optional[Callable] = None) -> lis
     written = []
     for name, table in result.tables.items():
         path = out_dir / f"{name}.csv"
-        table.to_csv(path, index=False)
+        write_text(path, table.to_csv(index=False))
         written.append(path)
     path = out_dir / "summary.json"
-    path.write_text(json.dumps(jsonable(result.summary), indent=2) + "\n")
+    write_text(path, json.dumps(jsonable(result.summary), indent=2) + "\n")
     written.append(path)
     if plot is not None:
         written += plot(result, out_dir)

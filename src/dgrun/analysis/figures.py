@@ -9,13 +9,17 @@ import matplotlib
 matplotlib.use("Agg")  # runs on clusters and CI: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dgrun.files import write_figure  # noqa: E402
+
 __all__ = ["plt", "save", "mark_steps"]
 
 
 def save(fig, out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_figure(fig, path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from dgrun.analysis.base import ANALYSES, Result, RunArtifacts, kept_weights, load
 from dgrun.analysis.options import Count, Index, NonNegative, Severity
 from dgrun.errors import UserError
+from dgrun.files import write_figure
 
 
 def plot_robustness(result: Result, out_dir: Path) -> list[Path]:
@@ -42,8 +43,10 @@ def plot_robustness(result: Result, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     path = out_dir / "robustness.png"
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_figure(fig, path, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return [path]
 
 

@@ -36,9 +36,9 @@ class Examples(Probe):
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = [int(s) for s in state["steps"]]
-        if self.steps:
-            self.prob = list(state["true_prob"].unbind(0))
-            self.correct = list(state["correct"].unbind(0))
+        if self.steps:  # in the dtypes measure() appends, whatever the checkpoint holds
+            self.prob = list(state["true_prob"].to(torch.float16).unbind(0))
+            self.correct = list(state["correct"].to(torch.bool).unbind(0))
 
 
 @PROBES.register("examples")

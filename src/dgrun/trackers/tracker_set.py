@@ -56,6 +56,7 @@ class TrackerSet:
         hparams = flatten(config)
         for name, tracker in list(self.trackers.items()):
             tracker.state = dict(saved.get(name) or {})
+            tracker.state.pop("finished", None)  # open again until this command finishes it
             continues = resume and bool(tracker.state)
             if not continues:
                 tracker.state = {}
@@ -87,7 +88,10 @@ class TrackerSet:
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Close every tracker run with the run's summary; the set is empty afterwards."""
         for name in list(self.trackers):
-            self._call(name, "finish", dict(summary))
+            if self._call(name, "finish", dict(summary)):
+                # A finished run whose trackers.json lacks this was killed before its trackers
+                # were closed: re-running it finishes them (dgrun.run.missing_derived).
+                self.trackers[name].state["finished"] = True
         self._write_state()
         self.trackers.clear()
 
