@@ -2,6 +2,8 @@
 cut short saying so. Figures are checked through what matplotlib was asked to draw."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.figure
 import numpy as np
 import pytest
@@ -18,7 +20,9 @@ def drawn(monkeypatch):
     save = matplotlib.figure.Figure.savefig
 
     def record(fig, path, *args, **kwargs):
-        figures[getattr(path, "name", str(path))] = [
+        # savefig writes the atomic writer's temporary file, `.groups.png.tmp-<pid>`
+        name = Path(getattr(path, "name", path)).name.lstrip(".").split(".tmp-")[0]
+        figures[name] = [
             (ax.get_title(), ax.get_xscale(),
              [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else [],
              [line.get_color() for line in ax.get_lines()]) for ax in fig.axes]
