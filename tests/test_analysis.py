@@ -272,6 +272,12 @@ def test_cartography_statistics_and_learning_step_on_a_known_matrix():
     assert learned_steps(torch.tensor([[1], [0], [1]]).bool(), [1, 2, 3]).tolist() == [3.0]
     with pytest.raises(UserError, match="evaluations, examples"):
         cartography(p, steps[:2])
+    # The untrained model at step 0 is not part of the map: the same numbers as without it.
+    untrained = torch.cat([torch.full((1, 4), 0.5), p])
+    again = cartography(untrained, [0, *steps]).tables["examples"]
+    assert again[["confidence", "variability", "learned_step"]].equals(
+        ex[["confidence", "variability", "learned_step"]])
+    assert cartography(untrained, [0, *steps]).summary["num_evaluations"] == 4
 
 
 def test_corrupted_rows_sit_in_the_hard_to_learn_region_after_real_training(tmp_path):

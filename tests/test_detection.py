@@ -344,9 +344,9 @@ def test_plot_run_marks_on_both_figures_and_diverged_rows(tmp_path, monkeypatch)
     assert [p.name for p in paths] == ["loss.png", "accuracy.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     for name in ("loss.png", "accuracy.png"):
-        assert "memorization (step 40)" in legends[name]
-        assert "diverged (step 50)" in legends[name]
-        assert "interpolation (step 40)" in legends[name]
+        text = "\n".join(legends[name])
+        assert "memorization (40)" in text and "diverged (50)" in text
+        assert "interpolation (train acc 1.0) (40)" in text
     # The old call still works.
     assert len(plot_run(rows, tmp_path / "old", interpolation_step=None)) == 2
 

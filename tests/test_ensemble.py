@@ -210,7 +210,9 @@ def test_streamed_batches_are_drawn_once_and_shared(job, tmp_path):
 # ------------------------------------------------------------------ resume
 # Dropout exercises the per-member masks; checkpoints every 7 steps land inside epochs and
 # between evaluations. Member 0 fits its data at step 200, member 1 at step 275.
-RESUMABLE = ["trainer.ensemble=2", "model.dropout=0.1", "trainer.unit=step", "trainer.eval_every=5",
+# dataset.split_seed=0: both members on seed 0's split (the steps above are for that split).
+RESUMABLE = ["trainer.ensemble=2", "dataset.split_seed=0", "model.dropout=0.1",
+             "trainer.unit=step", "trainer.eval_every=5",
              "trainer.checkpoint_every=7", "trainer.max_steps=300", "trainer.max_epochs=null",
              "optimizer.lr=0.1"]
 

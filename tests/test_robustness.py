@@ -546,7 +546,7 @@ def test_probe_measures_every_nth_evaluation_and_summarizes():
     assert summary["corruption_acc_best_step"] == 0 and summary["measured_step"] == 40
     assert summary["corruption_gap"] == pytest.approx(clean - rows[0]["corruption_acc"])
     assert all(isinstance(v, (int, float)) for v in summary.values())
-    assert probe.marks({"robustness": summary}) == [(0, "best corruption acc")]
+    assert probe.marks({"robustness": summary}) == []  # a best value is often a wiggle
 
     # Resume: the evaluation counter rides in the checkpoint.
     (again,) = build_probes({"robustness": options}, meta=meta, seed=0)

@@ -60,8 +60,9 @@ def load_data(cfg: RunConfig, device: torch.device) -> Bundle:
     """The run's data on its device: corrupted once, drawn from `cfg.corruption_seed` (the
     run's seed unless corruption.seed fixes it), and its training subset (`cfg.subset_seed`).
     An ensemble member calls it with its own config (seed S+k), so each member's corruption
-    and subset are those of its separate run."""
-    return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+    and subset are those of its separate run; so are its data when the dataset's own seed
+    follows the run's (`cfg.dataset_options`)."""
+    return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                          apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
                          subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,

@@ -35,12 +35,20 @@ def describe_choice(path: Path, width: int = 110) -> str:
             if comment:
                 break
             continue
-        comment.append(text.lstrip("#"))
+        body = text.lstrip("#")
+        if comment and body.startswith("  "):  # an indented example command ends the prose
+            break
+        comment.append(body)
     return first_sentence(comment, width)
 
 
+# A full stop after these is not the end of a sentence ("Zhang et al. 2017", "e.g. dgrun").
+ABBREVIATIONS = ("et al", "e.g", "i.e", "cf", "vs", "Fig", "Eq", "approx")
+
+
 def first_sentence(lines: list[str], width: int = 110) -> str:
-    """The first sentence of a paragraph (the lines up to the first blank one)."""
+    """The first sentence of a paragraph (the lines up to the first blank one): up to the first
+    full stop followed by a capital, outside brackets and not after an abbreviation."""
     words = []
     for line in lines:
         if not line.strip():
@@ -48,7 +56,15 @@ def first_sentence(lines: list[str], width: int = 110) -> str:
                 break
             continue
         words.append(line.strip())
-    sentence = re.split(r"(?<=[a-z0-9)`])\. (?=[A-Z(`])", " ".join(words))[0].rstrip(".")
+    text = " ".join(words)
+    sentence, depth = text, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if (char == "." and depth <= 0 and re.match(r" [A-Z(`]", text[i + 1:i + 3])
+                and not text[:i].endswith(ABBREVIATIONS)):
+            sentence = text[:i]
+            break
+    sentence = sentence.rstrip(".")
     return sentence if len(sentence) <= width else sentence[:width - 1].rstrip() + "…"
 
 
@@ -62,7 +78,7 @@ def data_meta(cfg):
     if "shape" in tags:
         meta = Meta(name, tags["modality"], tuple(tags["shape"]), tags["classes"])
     else:
-        meta = DATASETS.build(name, **cfg.dataset.options).meta
+        meta = DATASETS.build(name, **cfg.dataset_options).meta
     crop = cfg.pipeline.get("center_crop")
     validate_pipeline(**cfg.pipeline)
     if crop is not None and meta.modality == "image":
@@ -85,6 +101,7 @@ def _compose(overrides: list[str]):
 # ---------------------------------------------------------------- dgrun list
 def list_choices(group: Optional[str], overrides: list[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from dgrun.config import config_dir
@@ -102,7 +119,9 @@ def list_choices(group: Optional[str], overrides: list[str]) -> None:
             cells = [path.stem]
             if counts:
                 cells.append(counts.get(path.stem, "-"))
-            table.add_row(*cells, describe_choice(path))
+            # Descriptions quote commands and lists ("dgrun[mlflow]", "[x, y, =]"): plain text,
+            # not rich markup.
+            table.add_row(*cells, escape(describe_choice(path)))
         console.print(table)
     if group in (None, "probe"):
         from dgrun.probes import PROBES
@@ -110,7 +129,8 @@ def list_choices(group: Optional[str], overrides: list[str]) -> None:
         table = Table(title="+probes.NAME={...} (phenomenon presets choose some)",
                       title_justify="left", show_header=False)
         for name in PROBES.names():
-            table.add_row(name, first_sentence((PROBES.get(name).__doc__ or "").splitlines()))
+            table.add_row(name, escape(first_sentence((PROBES.get(name).__doc__ or "")
+                                                      .splitlines())))
         console.print(table)
 
 

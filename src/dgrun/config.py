@@ -138,6 +138,9 @@ PIPELINE_KEYS = ("name", "preprocess", "center_crop", "augment")
 SUBSET_KEYS = ("subset_fraction", "subset_seed")
 
 
+# Dataset options that seed how the data are drawn or split; null means the run's `seed`.
+DATASET_SEEDS = ("seed", "split_seed")
+
 # Builder arguments that come from the data or the run, never from a config file.
 RESERVED = {"input_shape", "num_classes", "vocab_size", "steps_per_epoch", "total_steps"}
 
@@ -173,6 +176,18 @@ class RunConfig:
         return self.seed if self.corruption.seed is None else self.corruption.seed
 
     @property
+    def dataset_options(self) -> dict[str, Any]:
+        """The dataset builder's options with a null seed option (`dataset.seed`,
+        `dataset.split_seed`) replaced by the run's seed: a seed sweep gives independent
+        replicates (data drawn, split, initialization, order) unless the dataset seed is pinned."""
+        return {key: self.seed if key in DATASET_SEEDS and value is None else value
+                for key, value in self.dataset.options.items()}
+
+    @property
+    def data_follows_seed(self) -> bool:
+        return any(self.dataset.options.get(key, 0) is None for key in DATASET_SEEDS)
+
+    @property
     def subset_seed(self) -> int:
         return self.seed if self.subset.seed is None else self.subset.seed
 
@@ -186,6 +201,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "optimizer.momentum": (0.0, 1.0, True, False),
     "scheduler.gamma": (0.0, 1.0, False, True),
     "scheduler.warmup_steps": (0, math.inf, True, False),
+    "scheduler.epoch_steps": (1, math.inf, True, False),
     "scheduler.min_lr_factor": (0.0, 1.0, True, True),
     "model.dropout": (0.0, 1.0, True, False),
     "model.width": (1, math.inf, True, False),

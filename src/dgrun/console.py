@@ -32,6 +32,10 @@ def show_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def show_summary(summary: dict, run_dir: Path) -> None:
+    from rich.markup import escape
+
+    from dgrun.probes.closing import closing_lines
+
     final, at = summary.get("final") or {}, summary.get("interpolation") or {}
 
     def num(value) -> str:
@@ -43,5 +47,6 @@ def show_summary(summary: dict, run_dir: Path) -> None:
              f"interpolation at step {at['step']} ({at['time_s']:.1f} s), test acc there "
              f"{num(at.get('test_acc'))}" if at.get("reached") else
              "interpolation threshold not reached",
+             *(escape(line) for line in closing_lines(summary)),
              f"record: {run_dir}"]
-    _console().print("\n".join(lines))
+    _console().print("\n".join(lines), soft_wrap=True)  # one line per number, for grep too

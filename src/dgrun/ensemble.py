@@ -167,9 +167,11 @@ def _checkpoint_at(m: Member, step: int, steps: dict[int, int]) -> dict:
 def build(cfg: RunConfig, members: list[Member], device: torch.device) -> tuple[Stack, Parts]:
     """Each member's data, model, objective and probes as its own run builds them, then the
     stack, one optimizer and schedule over it, and the plan."""
-    # One copy of the data unless the corruption is drawn from each member's seed.
+    # One copy of the data unless the data, their subset or their corruption are drawn from
+    # each member's seed.
     per_member = cfg.corruption.name != "none" and cfg.corruption.seed is None
     per_member |= cfg.subset.fraction is not None and cfg.subset.seed is None  # own subsets
+    per_member |= cfg.data_follows_seed  # own data: dataset.seed / split_seed null
     shared = None if per_member else load_data(cfg, device)
     modules = []
     for m in members:

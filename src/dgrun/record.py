@@ -22,7 +22,7 @@ from dgrun.preemption import PreemptionGuard
 from dgrun.probes import Probe
 from dgrun.rundir import RunDir
 from dgrun.seeding import rng_state
-from dgrun.status import DIVERGED
+from dgrun.status import DIVERGED, STOPPED
 from dgrun.trackers import STATE_FILE, TrackerSet
 from dgrun.train import State
 
@@ -141,11 +141,18 @@ class Recorder:
         marks = [m for p in self.probes for m in p.marks(summary)]
         if state.status == DIVERGED:
             marks.append((divergence_step(state.rows) or state.step, "diverged"))
+        if state.status in (STOPPED, DIVERGED):
+            # A run cut short says so on its figure, not only in summary.json.
+            final = summary.get("final") or {}
+            title += (f"\n{state.status} ({state.stop_reason}) at step {state.step}, train acc "
+                      f"{final.get('train_acc', float('nan')):.2f}")
         plots = self.record.folder("plots")
         written = plot_run(state.rows, plots, interpolation_step=state.interpolation["step"],
                            log_x=log_x, title=title, marks=marks)
+        if state.interpolation["step"] is not None:
+            marks.insert(0, (state.interpolation["step"], "interpolation (train acc 1.0)"))
         for probe in self.probes:
-            written += probe.plots(state.rows, summary, plots)
+            written += probe.plots(state.rows, summary, plots, marks=marks)
         for path in written:
             self.record.claim(path)
         self.sinks.log_images(written, state.step)

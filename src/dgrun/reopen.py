@@ -44,15 +44,9 @@ class ReopenedRun:
     def bundle(self):
         """The run's data, built as the run built it (seeded corruption included)."""
         if not hasattr(self, "_bundle"):
-            from dgrun.data import pipeline
+            from dgrun.assemble import load_data
 
-            cfg = self.cfg
-            self._bundle = pipeline.load(
-                cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
-                corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
-                apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline,
-                subset_fraction=cfg.subset.fraction, subset_seed=cfg.subset_seed,
-                ).to(self.device)
+            self._bundle = load_data(self.cfg, self.device)
         return self._bundle
 
     def read_checkpoints(self, map_location: str | torch.device | None = None,

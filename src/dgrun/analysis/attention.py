@@ -181,9 +181,10 @@ def _plot_fourier(result: Result, out_dir) -> list:
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("frequency k")
     key = s["key_frequencies"]
-    # Before the embedding has gone sparse nearly every frequency is "key": a list that long
-    # would stretch the figure to fit its title.
-    said = (f"key frequencies at the end: {key}" if len(key) <= 12 else
+    # Key frequencies mean something only once a few carry the norm (a sparse spectrum);
+    # before that nearly every frequency is "key", and none is coloured as one.
+    sparse = len(key) <= max(3, grid.shape[0] // 4)
+    said = (f"key frequencies at the end: {key}" if sparse else
             f"{len(key)} of {grid.shape[0]} frequencies carry {s['energy']:.0%} (not sparse yet)")
     ax.set_title(f"Token embedding in the Fourier basis of Z_{s['p']}: norm per frequency\n"
                  + said)
@@ -192,6 +193,7 @@ def _plot_fourier(result: Result, out_dir) -> list:
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"# frequencies for {s['energy']:.0%}\nof the squared norm")
     ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_ylim(0, grid.shape[0] + 1)  # against all p//2 frequencies, not stretched from 49 to 50
     ax2.grid(alpha=0.3)
     marks = result.summary.get("marks") or []
     if marks:
@@ -201,11 +203,13 @@ def _plot_fourier(result: Result, out_dir) -> list:
     paths = [save(fig, out_dir, "fourier_embedding")]
     last = freqs[freqs["step"] == steps[-1]]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(last["frequency"], last["norm"], color=["tab:red" if f in s["key_frequencies"]
+    ax.bar(last["frequency"], last["norm"], color=["tab:red" if sparse and f in key
                                                   else "tab:blue" for f in last["frequency"]])
     ax.set_xlabel("frequency k")
     ax.set_ylabel("norm")
-    ax.set_title(f"Embedding norm per frequency at step {steps[-1]} (key frequencies in red)")
+    ax.set_title(f"Embedding norm per frequency at step {steps[-1]} "
+                 + ("(key frequencies in red)" if sparse else "(no sparse set of key "
+                                                              "frequencies yet)"))
     paths.append(save(fig, out_dir, "fourier_last"))
     return paths
 

@@ -235,6 +235,8 @@ def attribute(model: nn.Module, checkpoints: Sequence[Checkpoint], train: Split,
         arrays["gallery_corrupted"] = corrupted[first].numpy()
         arrays["gallery_train_labels"] = train.y.cpu()[first].numpy()
         arrays["gallery_test_labels"] = a.y_test[:shown].cpu().numpy()
+        # The paper corrupts test labels too: a test row's label may be noise as well.
+        arrays["gallery_test_corrupted"] = test.corrupted.cpu()[test_index[:shown]].numpy()
     return Result({"top": top, "corrupted_in_top": per_test,
                    "agreement": agreement(tops)}, summary, arrays)
 
@@ -275,7 +277,10 @@ def _gallery(result: Result, out_dir, method: str):
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
     for r in range(rows):
         _image(axes[r, 0], tests[r])
-        axes[r, 0].set_title(f"test, y={arr['gallery_test_labels'][r]}", fontsize=8)
+        noisy = bool(arr.get("gallery_test_corrupted", np.zeros(rows, bool))[r])
+        axes[r, 0].set_title(f"test, y={arr['gallery_test_labels'][r]}"
+                             + (" corrupt" if noisy else ""), fontsize=8,
+                             color="red" if noisy else "black")
         for c in range(1, cols):
             ax = axes[r, c]
             _image(ax, trains[r, c - 1])
@@ -287,7 +292,8 @@ def _gallery(result: Result, out_dir, method: str):
                 for spine in ax.spines.values():
                     spine.set_edgecolor("red")
                     spine.set_linewidth(2)
-    fig.suptitle(f"Most influential training images ({method}); corrupted in red")
+    fig.suptitle(f"Most influential training images ({method}); corrupted labels in red "
+                 "(test and train)")
     return save(fig, out_dir, f"top_influences_{method}")
 
 

@@ -7,6 +7,7 @@ confidence = its mean, variability = its standard deviation, correctness = the f
 evaluations predicting it right. Regions, with the paper's reading: easy-to-learn (confident,
 stable), hard-to-learn (unconfident, stable: often mislabeled), ambiguous (variable).
 An example is "learned" at the first evaluation after which it is always predicted right.
+The evaluation at step 0 (the untrained model) is left out, as the paper averages over epochs.
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def cartography(true_prob: Tensor, steps: Sequence[int], *, correct: Optional[Te
         raise UserError(f"true_prob must be (evaluations, examples) with one row per step, got "
                         f"shape {tuple(p.shape)} for {len(steps)} steps",
                         "pass the tracked (evals, N) probabilities and their steps")
+    # The paper averages over the ends of epochs: the evaluation at step 0 is the untrained
+    # model, whose guesses would count as a "learned" or "ambiguous" moment of training.
+    trained = [i for i, step in enumerate(steps) if step > 0]
+    if 0 < len(trained) < len(steps):
+        p, steps = p[trained], [steps[i] for i in trained]
+        correct = None if correct is None else correct[trained]
     if p.numel() and not (0.0 <= float(p.min()) and float(p.max()) <= 1.0 + 1e-6):
         raise UserError("true_prob holds values outside [0, 1]",
                         "pass probabilities (a compact store must be decoded first)")
@@ -146,11 +153,17 @@ def plot_cartography(result: Result, out_dir) -> list:
     fig, ax = plt.subplots(figsize=(6, 4))
     learned = ex.dropna(subset=["learned_step"])
     steps = result.arrays["steps"]
-    # One bin per evaluation (edges halfway between them) while that stays readable.
-    edges = (np.concatenate([[steps[0] - 0.5 * (steps[1] - steps[0])],
-                             (steps[1:] + steps[:-1]) / 2,
-                             [steps[-1] + 0.5 * (steps[-1] - steps[-2])]])
-             if 1 < len(steps) <= 60 else np.linspace(steps[0], steps[-1] + 1, 41))
+    # Most rows are learned early and a few much later: a log axis once the evaluations span a
+    # decade. One bin per evaluation (edges halfway between them) while that stays readable.
+    log_x = len(steps) > 1 and steps[0] > 0 and steps[-1] / steps[0] >= 10
+    if 1 < len(steps) <= 60:
+        edges = np.concatenate([[max(steps[0] - 0.5 * (steps[1] - steps[0]), 0.5 * steps[0])],
+                                (steps[1:] + steps[:-1]) / 2,
+                                [steps[-1] + 0.5 * (steps[-1] - steps[-2])]])
+    elif log_x:
+        edges = np.geomspace(steps[0] * 0.9, steps[-1] * 1.1, 41)
+    else:
+        edges = np.linspace(steps[0], steps[-1] + 1, 41)
     never = ex[ex["learned_step"].isna()]
     for flag, name, color in ((False, "clean", "tab:blue"), (True, "corrupted", "tab:red")):
         part = learned[learned["corrupted"] == flag]["learned_step"]
@@ -160,6 +173,8 @@ def plot_cartography(result: Result, out_dir) -> list:
                     label=f"{name} ({missing} never learned)")
     ax.axvline(s["late_step_threshold"], color="grey", linestyle="--",
                label=f"late: after step {s['late_step_threshold']:g}")
+    if log_x:
+        ax.set_xscale("log")
     ax.set_xlabel("step after which the example is always predicted right")
     ax.set_ylabel("training rows")
     ax.set_title(f"When examples are learned ({s['num_never_learned']} never learned)")

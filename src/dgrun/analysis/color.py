@@ -131,7 +131,7 @@ def plot_color(result: Result, out_dir) -> list:
     ax1.set_xticks(range(n), means["name"], rotation=45 if n > 6 else 0, fontsize=8)
     ax1.set_xlabel("class")
     ax1.set_ylabel("mean brightness (bar colour: mean RGB)")
-    ax1.set_title("Mean colour per class")
+    ax1.set_title("Mean colour per class (train split)")
     colors = ["tab:green" if v else "tab:gray" for v in per["separable"]]
     ax2.bar(range(len(per)), per["recall"], color=colors)
     ax2.axhline(s["threshold"], color="black", linestyle="--", linewidth=1,
@@ -141,8 +141,9 @@ def plot_color(result: Result, out_dir) -> list:
     ax2.set_ylim(0, 1.02)
     ax2.set_xlabel("class")
     ax2.set_ylabel("recall of a colour-only classifier")
-    ax2.set_title(f"Colour alone: {s['accuracy']:.0%} accuracy ({s['scored_on']})")
-    ax2.legend(fontsize=7)
+    ax2.set_title(f"Colour alone, fitted on train: {s['accuracy']:.0%} accuracy on "
+                  f"{s['scored_on']}", fontsize=10)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     paths = [save(fig, out_dir, "color_by_class")]
 
     bins = int(hist["bin"].max()) + 1
@@ -158,7 +159,7 @@ def plot_color(result: Result, out_dir) -> list:
     ax.set_ylim(n - 0.5, -1.2)
     ax.set_xlabel("hue (degrees)")
     ax.set_ylabel("class")
-    ax.set_title("Saturation-weighted hue histogram per class")
+    ax.set_title("Saturation-weighted hue histogram per class (train split)")
     fig.colorbar(im, ax=ax, label="mean weight")
     paths.append(save(fig, out_dir, "hue_histograms"))
     return paths

@@ -93,14 +93,18 @@ def main(argv: list[str]) -> int:
     from dgrun.analysis import ANALYSES
 
     p = argparse.ArgumentParser(
-        prog="dgrun analyze", description="Analyses of a run from its directory: writes "
+        prog="dgrun analyze",
+        usage="%(prog)s [-h] [--device DEVICE] [--out DIR] RUN_DIR WHAT [OPTION=VALUE ...]",
+        description="Analyses of a run from its directory: writes "
         "RUN_DIR/analysis/WHAT/ (CSV tables, PNG figures, summary.json), or --out DIR.",
         epilog="WHAT: " + ", ".join(ANALYSES.names()) + ". Options per analysis: "
         "src/dgrun/analysis/README.md, or a wrong one lists them.")
-    p.add_argument("path", type=Path, metavar="RUN_DIR",
+    # RUN_DIR and WHAT are checked below: argparse would list the optional OPTION=VALUE
+    # among "the following arguments are required".
+    p.add_argument("path", type=Path, metavar="RUN_DIR", nargs="?",
                    help="a run directory (or a sweep: every run in it)")
-    p.add_argument("what", metavar="WHAT", help=", ".join(ANALYSES.names()))
-    p.add_argument("options", nargs="*", metavar="OPTION=VALUE")
+    p.add_argument("what", metavar="WHAT", nargs="?", help=", ".join(ANALYSES.names()))
+    p.add_argument("options", nargs="*", metavar="OPTION=VALUE", help="optional")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write DIR/WHAT/ (a sweep: DIR/<run>/WHAT/) instead of inside the run: "
@@ -110,6 +114,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
+        if args.what is None:
+            missing = "RUN_DIR and WHAT" if args.path is None else "WHAT"
+            raise UserError(f"dgrun analyze needs {missing}",
+                            f"e.g. dgrun analyze RUN_DIR cartography [OPTION=VALUE ...]; WHAT is "
+                            f"one of: {', '.join(ANALYSES.names())}")
         written = analyze_paths([args.path], args.what, parse_options(args.options),
                                 args.device, args.out)
     except (UserError, OSError) as e:

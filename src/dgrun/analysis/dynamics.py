@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from dgrun.analysis.base import ANALYSES, Result, RunArtifacts
-from dgrun.analysis.figures import mark_steps, plt, save
+from dgrun.analysis.figures import plt, save
 from dgrun.errors import UserError
 
 # Sections of summary.json that hold settings or final values, not detected events.
@@ -93,11 +93,18 @@ def dynamics(rows: Sequence[dict], marks: Sequence[tuple[int, str]] = (), *,
 
 
 def plot_dynamics(result: Result, out_dir) -> list:
+    from dgrun.plots import draw_marks, looks_log_spaced
+
     curves, s = result.tables["curves"], result.summary
     panels = s["panels"]
     marks = [(m["step"], m["label"]) for m in s["marks"]]
     scales = {name: scale for name, _, scale in PANELS}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 2.4 * len(panels) + 0.6),
+    # Log-spaced evaluations (a grokking run) read on a log axis, where step 0 has no place.
+    log_x = looks_log_spaced(curves["step"].tolist())
+    if log_x:
+        curves = curves[curves["step"] > 0]
+    extent = (float(curves["step"].min()), float(curves["step"].max()))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.4 * len(panels) + 0.6),
                              sharex=True, squeeze=False)
     for ax, (name, cols) in zip(axes[:, 0], panels.items()):
         for c in cols:
@@ -105,12 +112,15 @@ def plot_dynamics(result: Result, out_dir) -> list:
             ax.plot(part["step"], part[c], label=c.replace("_", " "))
         if scales[name] == "log" and (curves[cols] > 0).any().any():
             ax.set_yscale("log")
-        mark_steps(ax, marks, legend=ax is axes[0, 0])
+        lines = list(ax.get_lines())
+        # The same events on every panel (near-coincident ones merged), named once, on top.
+        draw_marks(ax, marks, log_x, extent)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        handles = ax.get_legend_handles_labels()[0] if ax is axes[0, 0] else lines
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     axes[-1, 0].set_xlabel("step")
-    if curves["step"].min() > 0 and curves["step"].max() / max(curves["step"].min(), 1) > 100:
+    if log_x:
         axes[-1, 0].set_xscale("log")
     axes[0, 0].set_title("Training dynamics" + (" with detected transitions" if marks else ""))
     return [save(fig, out_dir, "dynamics")]

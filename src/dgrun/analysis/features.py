@@ -1,7 +1,8 @@
 """Penultimate features over training: PCA / t-SNE views and linear-probe accuracy.
 
 The penultimate features are the input of the model's last nn.Linear (the one its forward pass
-calls last), caught with a forward hook, so any classifier with a linear head works unchanged.
+calls last), caught with a forward hook, so any classifier with a linear head works unchanged;
+a model whose head is a raw parameter (quadratic_mlp) says what they are with `penultimate(x)`.
 A linear probe (logistic regression fitted on train features, scored on test features) asks
 how linearly decodable the labels are at each checkpoint, apart from the head the model has.
 """
@@ -25,6 +26,7 @@ from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, bat
 from dgrun.analysis.options import Count, Positive
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
+from dgrun.plots import looks_log_spaced
 
 
 @torch.no_grad()
@@ -35,6 +37,14 @@ def penultimate_features(model: nn.Module, x: Tensor,
     with return_logits, also the (N, classes) logits of the same pass."""
     model.eval()
     device = model_device(model)
+    if callable(getattr(model, "penultimate", None)):
+        feats, logits = [], []
+        for s in batched(len(x), batch_size):
+            inputs = prepare(x[s].to(device))
+            feats.append(model.penultimate(inputs).reshape(len(inputs), -1).float())
+            logits.append(model(inputs).float())
+        out = torch.cat(feats)
+        return (out, torch.cat(logits)) if return_logits else out
     _, head = last_module_called(model, prepare(x[:1].to(device)), nn.Linear)
     caught: list[Tensor] = []
     hook = head.register_forward_hook(lambda m, inputs, out: caught.append(inputs[0]))
@@ -131,12 +141,14 @@ def plot_features(result: Result, out_dir) -> list:
     ax.plot(probe["step"], probe["probe_test_acc"], "o-", label="linear probe, test")
     ax.plot(probe["step"], probe["probe_train_acc"], "o--", label="linear probe, train")
     ax.plot(probe["step"], probe["model_test_acc"], "s-", label="model head, test")
+    if looks_log_spaced(probe["step"].tolist()):  # snapshots=log keeps log-spaced checkpoints
+        ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("Linear-probe accuracy of penultimate features")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     paths = [save(fig, out_dir, "linear_probe")]
     for kind in ("pc", "tsne"):
         if f"{kind}1" in embed:
@@ -148,17 +160,22 @@ def _scatter_grid(embed: pd.DataFrame, kind: str, out_dir):
     steps = sorted(embed["step"].unique())
     steps = [steps[i] for i in np.unique(np.linspace(0, len(steps) - 1, min(6, len(steps)))
                                          .astype(int))]
-    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.4), squeeze=False)
+    # Panels in rows of three (six side by side made a 2292x405 strip).
+    cols = min(3, len(steps))
+    rows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 1.4, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(steps):]:
+        ax.set_visible(False)
     labels = sorted(embed["label"].unique())
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "viridis")
     color = {lab: cmap(i % 10 if len(labels) <= 10 else i / max(1, len(labels) - 1))
              for i, lab in enumerate(labels)}
-    for ax, step in zip(axes[0], steps):
+    for ax, step in zip(axes.flat, steps):
         d = embed[embed["step"] == step]
         for split, marker in (("train", "o"), ("test", "^")):
             part = d[(d["split"] == split) & ~d["corrupted"].astype(bool)]
-            ax.scatter(part[f"{kind}1"], part[f"{kind}2"], s=6, marker=marker, alpha=0.6,
-                       c=[color[v] for v in part["label"]])
+            ax.scatter(part[f"{kind}1"], part[f"{kind}2"], s=3, marker=marker, alpha=0.4,
+                       linewidths=0, c=[color[v] for v in part["label"]])
         bad = d[d["corrupted"].astype(bool)]
         if len(bad):
             ax.scatter(bad[f"{kind}1"], bad[f"{kind}2"], s=14, marker="x", c="black",
@@ -169,8 +186,8 @@ def _scatter_grid(embed: pd.DataFrame, kind: str, out_dir):
     if len(labels) <= 10:
         handles = [plt.Line2D([], [], marker="o", linestyle="", color=color[lab],
                               label=f"label {lab}") for lab in labels]
-        axes[0, -1].legend(handles=handles, fontsize=7, loc="center left",
-                           bbox_to_anchor=(1.02, 0.5))
+        axes[0, cols - 1].legend(handles=handles, fontsize=7, loc="upper left",
+                                 bbox_to_anchor=(1.02, 1.0))
     name = "PCA" if kind == "pc" else "t-SNE"
     fig.suptitle(f"Penultimate features ({name}): o train, ^ test, x corrupted train rows")
     fig.tight_layout()

@@ -26,8 +26,11 @@ def plot_robustness(result: Result, out_dir: Path) -> list[Path]:
     if table.empty:
         return []
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for name, part in table.groupby("corruption"):
-        ax.plot(part["severity"], part["accuracy"], marker="o", label=name)
+    # One colour per corruption (tab20: 20 of them; the default cycle repeats after 10).
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, part) in enumerate(table.groupby("corruption")):
+        ax.plot(part["severity"], part["accuracy"], marker="o", label=name,
+                color=colours[i % len(colours)])
     summary = result.summary
     ax.axhline(summary["clean_acc"], color="black", linestyle="--", label="clean")
     if summary.get("adv_acc") is not None:

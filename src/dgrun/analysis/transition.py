@@ -11,6 +11,7 @@ hardest against the worst test group (the ones teaching the spurious shortcut).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from dgrun.analysis.attribution import Attribution, METHODS, lrs_at
 from dgrun.analysis.base import (ANALYSES, Checkpoint, Result, RunArtifacts, kept_weights, load,
-                                 predict, require_checkpoints, sample_indices, spread)
+                                 pixels01, predict, require_checkpoints, sample_indices, spread)
 from dgrun.analysis.options import Count, Index
 from dgrun.analysis.figures import plt, save
 from dgrun.data.bundle import Split
@@ -104,6 +105,10 @@ def transition_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], 
         "before": sides["before"].numpy(), "after": sides["after"].numpy(),
         "change": change.numpy(), "rank": rank.numpy()}).sort_values("rank")
     top = table.head(top_k)
+    # The rows themselves, for the figure: who they are matters more than their index.
+    shown = torch.tensor(top.head(SHOWN)["train_index"].tolist(), dtype=torch.long)
+    rows = train.x.cpu()[shown]
+    arrays = {"top_x": (pixels01(rows) if rows.dim() == 4 else rows).numpy()}
     summary = {"step": step, "method": method,
                "before_steps": [s for s, _ in before], "after_steps": [s for s, _ in after],
                "test_selection": selection, "num_test": len(idx),
@@ -112,22 +117,30 @@ def transition_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], 
                "corrupted_fraction": float(train.corrupted.float().mean()),
                "correlation_before_after": float(np.corrcoef(sides["before"].numpy(),
                                                              sides["after"].numpy())[0, 1])}
-    return Result({"changes": table}, summary)
+    return Result({"changes": table}, summary, arrays)
+
+
+SHOWN = 10  # the largest changes drawn, numbered, with the rows themselves beside them
 
 
 def plot_transition(result: Result, out_dir) -> list:
     t, s = result.tables["changes"], result.summary
-    fig, ax = plt.subplots(figsize=(6, 5))
+    top = t.head(SHOWN)
+    shown = result.arrays.get("top_x")
+    fig = plt.figure(figsize=(11, 5))
+    grid = fig.add_gridspec(2, 7)
+    ax = fig.add_subplot(grid[:, :4])
     clean, bad = t[~t["corrupted"]], t[t["corrupted"]]
     ax.scatter(clean["before"], clean["after"], s=6, alpha=0.5, label="clean")
     if len(bad):
         ax.scatter(bad["before"], bad["after"], s=10, color="red", alpha=0.7, label="corrupted")
-    top = t.head(10)
     ax.scatter(top["before"], top["after"], s=40, facecolors="none", edgecolors="black",
-               label="largest changes")
-    for _, r in top.iterrows():
-        ax.annotate(str(int(r["train_index"])), (r["before"], r["after"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+               label=f"the {len(top)} largest changes (numbered, shown right)")
+    for rank, (_, r) in enumerate(top.iterrows(), start=1):
+        ax.annotate(str(rank), (r["before"], r["after"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    if shown is not None:
+        _show_rows(fig, grid, top, shown)
     lo = float(min(t["before"].min(), t["after"].min()))
     hi = float(max(t["before"].max(), t["after"].max()))
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle=":", linewidth=1)
@@ -137,6 +150,36 @@ def plot_transition(result: Result, out_dir) -> list:
                  f"on {s['num_test']} test rows ({s['test_selection']})")
     ax.legend(fontsize=8)
     return [save(fig, out_dir, "influence_change")]
+
+
+def _show_rows(fig, grid, top: pd.DataFrame, rows: np.ndarray) -> None:
+    """The numbered rows: thumbnails for images, the tokens for sequences (an (a, b) pair of a
+    modular task), the label either way; corrupted labels in red."""
+    labels = [(int(r["label"]), bool(r["corrupted"])) for _, r in top.iterrows()]
+    if rows.ndim == 4:
+        cells = grid[:, 4:].subgridspec(-(-len(rows) // 3), 3)
+        for i, (pixels, (label, bad)) in enumerate(zip(rows, labels)):
+            ax = fig.add_subplot(cells[i // 3, i % 3])
+            img = np.transpose(pixels, (1, 2, 0))
+            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img.clip(0, 1),
+                      cmap="gray" if img.shape[-1] == 1 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{i + 1}: y={label}", fontsize=7, color="red" if bad else "black")
+        return
+    ax = fig.add_subplot(grid[:, 4:])
+    ax.axis("off")
+    # A token shared by every row (the "=" closing an equation) says nothing: left out.
+    same_end = rows.ndim == 2 and rows.shape[1] > 1 and bool((rows[:, -1] == rows[0, -1]).all())
+    for i, (row, (label, bad)) in enumerate(zip(rows, labels)):
+        if row.dtype.kind in "iu":  # tokens: the operands
+            what = "(" + ", ".join(str(int(v)) for v in (row[:-1] if same_end else row)) + ")"
+        else:
+            what = f"row {int(top.iloc[i]['train_index'])}"
+        ax.text(0.0, 1 - (i + 0.5) / max(len(rows), 1), f"{i + 1}: {what} -> y={label}"
+                + (" (corrupted)" if bad else ""), fontsize=9, va="center",
+                color="red" if bad else "black", transform=ax.transAxes)
+    ax.set_title("the rows", fontsize=9)
 
 
 @ANALYSES.register("transition", plot=plot_transition)
@@ -167,8 +210,10 @@ def bias_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], train:
                      lrs: Optional[Mapping[int, float]] = None,
                      test_indices: Optional[Tensor] = None, top_k: int = 20,
                      proj_dim: Optional[int] = 512, seed: int = 0, output: str = "margin",
-                     batch_size: int = 64) -> Result:
+                     batch_size: int = 64, group_names: Optional[Sequence[str]] = None
+                     ) -> Result:
     """Influence summed over training groups, per test group; who pushes the worst group down.
+    `group_names` (meta.extra["groups"], by group id) name the groups in the summary and figure.
 
     The worst test group is the one the last checkpoint gets least right. A training row's
     push on it is its mean score over that group's test rows: most negative = it lowers the
@@ -221,6 +266,9 @@ def bias_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], train:
                             "push_on_worst_group": push[order].numpy()})
     on_worst = groups[groups["test_group"] == worst]
     summary = {"method": method, "checkpoint_steps": [s for s, _ in checkpoints],
+               "group_names": {str(g): (group_names[g] if group_names and g < len(group_names)
+                                        else str(g))
+                               for g in sorted(set(g_train.tolist()) | set(g_test.tolist()))},
                "worst_test_group": worst,
                "worst_group_accuracy": float(accuracy["accuracy"].min()),
                "pusher_groups": {str(k): int(v) for k, v in
@@ -238,6 +286,12 @@ def bias_attribution(model: nn.Module, checkpoints: Sequence[Checkpoint], train:
 def plot_bias(result: Result, out_dir) -> list:
     g, s = result.tables["groups"], result.summary
     sizes = g.drop_duplicates("train_group").set_index("train_group")["num_train"]
+    names = s.get("group_names") or {}
+
+    def name(group: int) -> str:  # "y=1,color=red" -> "y=1, red"
+        text = names.get(str(group), str(group))
+        return re.sub(r",\s*\w+=", ", ", text)
+
     panels = (("mean_score", "per training row (mean)"),
               ("total_score", "whole training group (sum)"))
     n_test, n_train = g["test_group"].nunique(), g["train_group"].nunique()
@@ -246,10 +300,10 @@ def plot_bias(result: Result, out_dir) -> list:
         mat = g.pivot(index="test_group", columns="train_group", values=column)
         lim = float(np.nanmax(np.abs(mat.values))) or 1.0
         im = ax.imshow(mat.values, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        ax.set_xticks(range(mat.shape[1]), [f"{c}\n(n={sizes[c]})" for c in mat.columns],
-                      fontsize=8)
-        ax.set_yticks(range(mat.shape[0]), [str(r) + (" (worst)" if r == s["worst_test_group"]
-                                                      else "") for r in mat.index])
+        ax.set_xticks(range(mat.shape[1]), [f"{name(c)}\n(n={sizes[c]})" for c in mat.columns],
+                      fontsize=7)
+        ax.set_yticks(range(mat.shape[0]), [name(r) + (" (worst)" if r == s["worst_test_group"]
+                                                       else "") for r in mat.index], fontsize=8)
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 v = mat.values[i, j]
@@ -260,7 +314,8 @@ def plot_bias(result: Result, out_dir) -> list:
         ax.set_ylabel("test group")
         ax.set_title(f"influence {title}", fontsize=10)
     fig.suptitle(f"{s['method']} influence on each test group, by training group (mean over "
-                 f"the test group's rows)\nworst test group {s['worst_test_group']}: accuracy "
+                 f"the test group's rows)\nworst test group {name(s['worst_test_group'])}: "
+                 f"accuracy "
                  f"{s['worst_group_accuracy']:.2f}", fontsize=10)
     fig.tight_layout()
     return [save(fig, out_dir, "influence_by_group")]
@@ -275,4 +330,5 @@ def bias_from_run(run: RunArtifacts, /, *, method: str = "trak", num_checkpoints
     return bias_attribution(run.model, chosen, b.train, b.test, method=method, prepare=b.prepare,
                             lrs=lrs_at(run.rows, [s for s, _ in chosen]),
                             test_indices=sample_indices(len(b.test), num_test, run.seed),
-                            top_k=top_k, proj_dim=proj_dim, seed=run.seed, output=output)
+                            top_k=top_k, proj_dim=proj_dim, seed=run.seed, output=output,
+                            group_names=b.meta.extra.get("groups"))

@@ -17,6 +17,8 @@ from dgrun.data.bundle import Bundle, Split
 from dgrun.errors import UserError
 
 PREPROCESSING = ("none", "standardize", "whiten")
+# A channel whose pixels vary by less than one grey level over the training split is constant.
+CONSTANT_CHANNEL_STD = 1 / 255
 
 
 def validate_pipeline(preprocess: Optional[str] = "none", center_crop: Optional[int] = None,
@@ -89,7 +91,8 @@ class Normalize:
     """Stored pixels -> model inputs, one batch at a time.
 
     none         pixels as float in [0, 1]
-    standardize  minus the training split's per-channel mean, divided by its std
+    standardize  minus the training split's per-channel mean, divided by its std (1 for a
+                 constant channel: a change to it reaches the model at its size in pixels)
     whiten       per image: minus its mean, divided by max(its std, 1/sqrt(pixels)), as
                  TensorFlow's per_image_standardization (Zhang et al.'s preprocessing)
     Differentiable, so attacks can optimise pixels through it.
@@ -115,8 +118,10 @@ class Normalize:
         count = len(x) * x.shape[2] * x.shape[3]
         mean = total / count
         var = (squares - count * mean.pow(2)) / max(1, count - 1)
-        # Constant pixels (digits' borders) would divide by zero.
-        std = var.clamp_min(0).sqrt().clamp_min(1e-6)
+        std = var.clamp_min(0).sqrt()
+        # A channel that never changes (colored digits' blue) would divide by ~0 and multiply
+        # any change to it (noise, an attack's random start) by a million: it is only centred.
+        std = torch.where(std < CONSTANT_CHANNEL_STD, torch.ones_like(std), std)
         return cls(how, mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1))
 
     def to(self, device) -> "Normalize":

@@ -82,10 +82,15 @@ class QuadraticMLP(nn.Module):
         """The network on its real-valued input v (B, D): the concatenated one-hot vectors."""
         return (v @ self.w_in).square() @ self.w_out
 
-    def forward(self, x: Tensor) -> Tensor:
+    def penultimate(self, x: Tensor) -> Tensor:
+        """(B, width) hidden activations, the input of the output weights: the features that
+        `dgrun analyze features` reads (the model holds raw parameters, no nn.Linear head)."""
         # v @ w_in for a one-hot v is a sum of rows of w_in: gather them instead of building v.
         offsets = torch.arange(self.positions, device=x.device) * self.vocab_size
-        return self.w_in[x[:, :self.positions] + offsets].sum(dim=1).square() @ self.w_out
+        return self.w_in[x[:, :self.positions] + offsets].sum(dim=1).square()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.penultimate(x) @ self.w_out
 
 
 @MODELS.register("mlp_embed", modalities=("tokens",))

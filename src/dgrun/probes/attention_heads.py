@@ -72,7 +72,8 @@ class AttentionHeadsProbe(Probe):
                               if k.startswith("attn_entropy_")},
         }}
 
-    def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks=()) -> list[Path]:
         from dgrun.probes.progress_figures import plot_panels
         heads = sorted({k[len("attn_entropy_"):] for r in rows[:1] for k in r
                         if k.startswith("attn_entropy_")})

@@ -5,7 +5,7 @@ At each evaluation the loop builds one `Evaluation` and hands it to every probe:
     probe.measure(ev) -> {column: value}        # extra metrics.csv columns (tensors are fine)
     probe.summarize(rows) -> {field: value}     # once at the end, merged into summary.json
     probe.marks(summary) -> [(step, label)]     # vertical lines on the run's plots
-    probe.plots(rows, summary, out_dir)         # extra figures in plots/
+    probe.plots(rows, summary, out_dir, marks)  # extra figures in plots/
     probe.state_dict() / load_state_dict()      # per-example state rides in the checkpoint
 
 `Evaluation` computes each split's logits once, on demand, so ten probes that all need test
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
@@ -95,7 +95,10 @@ class Probe:
     def marks(self, summary: dict) -> list[tuple[int, str]]:
         return []
 
-    def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks: Sequence[tuple[int, str]] = ()) -> list[Path]:
+        """Extra figures; `marks` are every probe's marks (and the interpolation step), to draw
+        the run's events on them too."""
         return []
 
     def state_dict(self) -> dict:

@@ -34,13 +34,14 @@ the same initialization and the same tensors as one never interrupted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dgrun.errors import UserError
-from dgrun.plots import looks_log_spaced, pyplot, save_figure, series
+from dgrun.plots import (draw_marks, legend_outside, looks_log_spaced, pyplot, save_figure,
+                         series, step_extent)
 from dgrun.probes import PROBES
 from dgrun.probes.base import Evaluation, Probe
 
@@ -158,13 +159,14 @@ class DynamicsProbe(Probe):
             "final_effective_lr": last("effective_lr"),
         }}
 
-    def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks: Sequence[tuple[int, str]] = ()) -> list[Path]:
         steps = series(rows, "dist_from_init")[0]
         if not steps:
             return []
         log_x = looks_log_spaced(steps)
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, (norm_ax, dist_ax, lr_ax) = pyplot().subplots(3, 1, figsize=(6, 8), dpi=120,
+        fig, (norm_ax, dist_ax, lr_ax) = pyplot().subplots(3, 1, figsize=(8, 8), dpi=120,
                                                           sharex=True)
 
         def line(ax, key, **style):
@@ -188,15 +190,15 @@ class DynamicsProbe(Probe):
         lrs = series(rows, "effective_lr")[1]
         if lrs and min(lrs) > 0:
             lr_ax.set_yscale("log")
+        extent = step_extent(rows, log_x)
         for ax in (norm_ax, dist_ax, lr_ax):
             ax.grid(alpha=0.3)
+            draw_marks(ax, marks, log_x, extent)  # the run's events, the same on every panel
             if log_x:
                 ax.set_xscale("log")
-        norm_ax.legend(fontsize=8)
-        # Fixed margins (tight_layout is a quarter of the drawing time): room for the right
-        # axis's label, panels close together under their shared x axis.
-        return [save_figure(fig, out_dir / "dynamics.png", margins={
-            "left": 0.17, "right": 0.88, "bottom": 0.06, "top": 0.98, "hspace": 0.08})]
+        norm_ax.set_title("weights over training" + (" (log steps)" if log_x else ""))
+        legend_outside(norm_ax)
+        return [save_figure(fig, out_dir / "dynamics.png")]
 
     def state_dict(self) -> dict:
         if self.theta0 is None:

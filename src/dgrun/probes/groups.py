@@ -19,6 +19,7 @@ nearly coincide: use a `random` test split to watch the catch-up.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -67,6 +68,7 @@ def catch_up_step(steps: Sequence[int], avg: Sequence[float], worst: Sequence[fl
 class GroupAccuracy(Probe):
     def __init__(self, group_names: Sequence[str], splits: Sequence[str], gap: float):
         self.names = [slug(g) for g in group_names]
+        self.labels = {slug(g): g.replace(",", ", ") for g in group_names}  # for the figure
         self.splits, self.gap = tuple(splits), float(gap)
         self._present: dict[str, list[int]] = {}
 
@@ -114,6 +116,45 @@ class GroupAccuracy(Probe):
     def marks(self, summary: dict) -> list[tuple[int, str]]:
         step = summary.get("groups", {}).get("worst_group_catch_up_step")
         return [] if step is None else [(step, "worst group catches up")]
+
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks: Sequence[tuple[int, str]] = ()) -> list[Path]:
+        """plots/groups.png: test average and worst-group accuracy, and every group's curve
+        (the phenomenon itself: which groups the spurious feature serves, and when the others
+        catch up)."""
+        from dgrun.plots import (draw_marks, legend_outside, looks_log_spaced, pyplot,
+                                 save_figure, series, step_extent)
+
+        plt = pyplot()
+
+        if not series(rows, "test_worst_group_acc")[0]:
+            return []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_x = looks_log_spaced([number(r.get("step")) or 0 for r in rows])
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+        per_group = [k for k in rows[-1] if k.startswith("test_acc_")]
+        colours = plt.get_cmap("tab10").colors[2:]  # C0, C1 are the average and worst group
+        for i, key in enumerate(per_group):
+            name = key[len("test_acc_"):]
+            ax.plot(*series(rows, key, log_x), color=colours[i % len(colours)], linewidth=0.9,
+                    alpha=0.8, label=f"test group {self.labels.get(name, name)}")
+        ax.plot(*series(rows, "test_avg_acc", log_x), color="C0", linewidth=2,
+                label="test average")
+        ax.plot(*series(rows, "test_worst_group_acc", log_x), color="C1", linewidth=2,
+                label="test worst group")
+        if series(rows, "train_acc", log_x)[0]:
+            ax.plot(*series(rows, "train_acc", log_x), color="0.4", linestyle=":",
+                    label="train average")
+        draw_marks(ax, marks, log_x, step_extent(rows, log_x))
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_title("accuracy per group: average vs worst group")
+        ax.grid(alpha=0.3)
+        legend_outside(ax)
+        return [save_figure(fig, out_dir / "groups.png")]
 
 
 

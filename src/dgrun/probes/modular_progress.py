@@ -249,7 +249,8 @@ class ModularProgressProbe(Probe):
         found = summary.get(self.KEY) or {}
         return [(found[k], label) for k, label in PHASE_LABELS if found.get(k) is not None]
 
-    def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks=()) -> list[Path]:
         from dgrun.probes.progress_figures import plot_progress
         return plot_progress(rows, self.marks(summary), out_dir)
 

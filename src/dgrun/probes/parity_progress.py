@@ -136,7 +136,8 @@ class ParityProgressProbe(Probe):
         return [] if step is None else [(step, f"Fourier coefficient on S >= {self.gap:g}x "
                                                f"the best wrong subset's")]
 
-    def plots(self, rows: list[dict], summary: dict, out_dir: Path) -> list[Path]:
+    def plots(self, rows: list[dict], summary: dict, out_dir: Path,
+              marks=()) -> list[Path]:
         from dgrun.probes.progress_figures import plot_panels
         return plot_panels(rows, [
             ("accuracy", [("train_acc", "train"), ("test_acc", "test")], False),

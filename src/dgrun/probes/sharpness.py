@@ -142,7 +142,7 @@ class SharpnessProbe(Probe):
             "hvps_per_measurement": sum(self.hvps) / len(self.hvps) if self.hvps else None,
         }}
 
-    def plots(self, rows: list[dict], summary: dict, out_dir) -> list:
+    def plots(self, rows: list[dict], summary: dict, out_dir, marks=()) -> list:
         from pathlib import Path
 
         from dgrun.probes.progress_figures import plot_panels

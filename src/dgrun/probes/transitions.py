@@ -198,8 +198,9 @@ class TransitionsProbe(Probe):
 
     def marks(self, summary: dict) -> list[tuple[int, str]]:
         events = (summary.get(self.KEY) or {}).get("events") or []
-        return [(e["step"], f"{e['metric']} {e['before']:.3g} -> {e['after']:.3g}")
-                for e in events]
+        from dgrun.probes.closing import event_text
+
+        return [(e["step"], event_text(e)) for e in events]
 
 
 @PROBES.register("transitions")
