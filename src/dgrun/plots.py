@@ -16,6 +16,8 @@ from dgrun.files import write_figure
 from dgrun.metrics import number
 
 Mark = tuple[int, str]
+
+
 @functools.cache
 def pyplot():
     """matplotlib.pyplot on the Agg backend (runs on clusters and CI: never asks for a display),
@@ -178,18 +180,14 @@ def plot_run(rows: list[dict], out_dir: Path, *, interpolation_step: Optional[in
         ax.set_title(title)
         ax.grid(alpha=0.3)
         legend_outside(ax)
-        # tight_layout (save_figure's default): the legend outside the axes varies in width.
         written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written
 
 
-def save_figure(fig, path: Path, margins: Optional[dict] = None) -> Path:
-    """Lay out (`margins` for subplots_adjust, else tight_layout), write and close a per-run
-    figure (closed: a sweep in one process draws hundreds)."""
-    if margins is None:
-        fig.tight_layout()
-    else:
-        fig.subplots_adjust(**margins)
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a per-run figure (closed: a sweep in one process draws
+    hundreds)."""
+    fig.tight_layout()
     try:
         write_figure(fig, path)
     finally:
