@@ -40,7 +40,7 @@ def test_spearman_matches_scipy_and_a_constant_column_is_nan():
     assert np.isnan(got[2])
 
 
-DATA = ["corruption=partial_labels", "corruption.prob=0.2", "corruption.seed=0",
+DATA = ["dataset.split_seed=0", "corruption=partial_labels", "corruption.prob=0.2", "corruption.seed=0",
         "model.width=16", "threads=1", "trainer.max_steps=30"]
 
 

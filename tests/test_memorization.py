@@ -72,7 +72,7 @@ def test_a_row_always_or_never_in_has_no_estimate():
     assert np.isnan(table["memorization"][7]) and table["models_out"][7] == 0
 
 
-SUBSETS = ["dataset.subset_fraction=0.5", "corruption=partial_labels", "corruption.prob=0.2",
+SUBSETS = ["dataset.subset_fraction=0.5", "dataset.split_seed=0", "corruption=partial_labels", "corruption.prob=0.2",
            "trainer.max_steps=40", "model.width=32", "threads=1"]
 
 
@@ -101,6 +101,12 @@ def test_analyze_an_ensemble_of_subset_models(tmp_path, capsys):
     train_here(other, *SUBSETS, "trainer.ensemble=2")
     code, _, err = cli_here(capsys, "analyze", str(other), "memorization")
     assert code == 2 and "corruption.seed" in err and len(err.strip().splitlines()) == 1
+    # So are subsets of splits drawn from each member's seed (the seed rule's default).
+    unpinned = tmp_path / "unpinned"
+    train_here(unpinned, *[o for o in SUBSETS if not o.startswith("dataset.split_seed")],
+               "corruption.seed=0", "trainer.ensemble=2")
+    code, _, err = cli_here(capsys, "analyze", str(unpinned), "memorization")
+    assert code == 2 and "dataset.split_seed" in err and len(err.strip().splitlines()) == 1
     # Models trained on the whole split are not subset models.
     whole = tmp_path / "whole"
     train_here(whole, "trainer.max_steps=2", "model.width=32", "threads=1", "trainer.ensemble=2")

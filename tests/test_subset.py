@@ -42,7 +42,7 @@ def train(job, run_dir: Path, *overrides: str) -> dict:
 
 def full_train(job):
     cfg, _ = job()
-    return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+    return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                          **cfg.pipeline).train
 
@@ -75,7 +75,8 @@ def test_the_run_records_the_rows_it_trained_on(job, tmp_path):
     assert torch.equal(train_split.corrupted, full.corrupted[rows])
     # subset_seed fixes the rows whatever the run's seed.
     other = tmp_path / "other"
-    train(job, other, "dataset.subset_fraction=0.5", "dataset.subset_seed=0", "seed=3",
+    train(job, other, "dataset.subset_fraction=0.5", "dataset.subset_seed=0",
+          "dataset.split_seed=0", "seed=3",
           "trainer.max_steps=1")
     assert np.array_equal(rows_of(other), rows)
     # Without a subset: no file, no summary key.

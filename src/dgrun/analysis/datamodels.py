@@ -52,10 +52,13 @@ def add_lds(result: Result, test_index: Tensor, y_train: Tensor, models) -> Resu
     SubsetModels over the same training set): `lds` per method in the summary, `lds.csv`."""
     full = models.bundle.train.y.cpu()
     if len(full) != len(y_train) or not torch.equal(full, y_train.cpu()):
+        sizes = (f"{len(full)} rows vs {len(y_train)}" if len(full) != len(y_train)
+                 else f"{len(full)} rows each, other labels")
         raise UserError(f"the subset models in lds= trained on subsets of a different "
-                        f"training set ({len(full)} rows) than this run's ({len(y_train)})",
-                        "train them with this run's dataset and corruption settings (a fixed "
-                        "corruption.seed) plus dataset.subset_fraction=F")
+                        f"training set than this run's ({sizes})",
+                        "train them and this run on the same data: the same pinned "
+                        "dataset.split_seed (dataset.seed for generated data) and "
+                        "corruption.seed, plus dataset.subset_fraction=F for the subset models")
     measured = models.test_margin[:, test_index.cpu()]
     rows, per_method = [], result.summary["per_method"]
     for name in result.summary["methods"]:

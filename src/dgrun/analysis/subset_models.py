@@ -30,14 +30,15 @@ from dgrun.errors import UserError
 
 def full_bundle(cfg, device: str = "cpu") -> Bundle:
     """A run's data as its config builds them, without its subset: the full training split."""
-    return pipeline.load(cfg.dataset.name, cfg.dataset.options, seed=cfg.corruption_seed,
+    return pipeline.load(cfg.dataset.name, cfg.dataset_options, seed=cfg.corruption_seed,
                          corruption_name=cfg.corruption.name, prob=cfg.corruption.prob,
                          apply_to_test=cfg.corruption.apply_to_test, **cfg.pipeline).to(device)
 
 
 def data_key(cfg) -> tuple:
     """What decides the full training set (two runs with equal keys share it row for row)."""
-    return (cfg.dataset.name, repr(sorted(cfg.dataset.options.items())),
+    # The resolved options: a split seed left to follow the run's seed differs run by run.
+    return (cfg.dataset.name, repr(sorted(cfg.dataset_options.items())),
             repr(sorted(cfg.pipeline.items())), cfg.corruption.name, cfg.corruption.prob,
             cfg.corruption_seed if cfg.corruption.name != "none" else None)
 
@@ -73,7 +74,10 @@ class SubsetModels:
         first = runs[0]
         for run in runs[1:]:
             if data_key(run.cfg) != data_key(first.cfg):
-                why = ("their corruption is drawn from each run's seed"
+                why = ("their training split is drawn from each run's seed: pin it with "
+                       "dataset.split_seed=S (dataset.seed=S for generated data)"
+                       if run.cfg.data_follows_seed else
+                       "their corruption is drawn from each run's seed"
                        if run.cfg.corruption.seed is None and run.cfg.corruption.name != "none"
                        else "their dataset or corruption settings differ")
                 raise UserError(f"{run.path} and {first.path} trained on subsets of different "
