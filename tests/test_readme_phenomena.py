@@ -89,8 +89,14 @@ def robustness(said: str, run_dir: Path) -> None:
         list(range(1, int(severities) + 1))
     assert "PGD" in said and read_summary(run_dir)["config"]["probes"]["robustness"]["attack"] \
         == "pgd"
-    for r in rows:  # "at every evaluation"
-        assert all(r[k] != "" for k in ["adv_acc", "corruption_acc", *named]), r["step"]
+    # "at every evaluation" or "at every Nth evaluation" (the first included)
+    match = re.search(r"at every (?:(\d+)(?:st|nd|rd|th) )?evaluation", said)
+    assert match, said
+    every = int(match.group(1) or 1)
+    assert read_summary(run_dir)["config"]["probes"]["robustness"]["every"] == every
+    measured = [i for i, r in enumerate(rows)
+                if all(r[k] != "" for k in ["adv_acc", "corruption_acc", *named])]
+    assert measured == list(range(0, len(rows), every)), measured
 
 
 CHECKS = {
