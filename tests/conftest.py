@@ -62,6 +62,32 @@ def train_here(run_dir: Path, *overrides: str) -> dict:
     return run(from_hydra(cfg), Path(run_dir), plain(cfg), overrides=given)
 
 
+def composer(*base: str):
+    """A module fixture's body: yields make(*overrides) -> (RunConfig, resolved config),
+    composed from the shipped configs with `base` first, inside one Hydra initialization."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dgrun.config import config_dir, from_hydra, plain, register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        def make(*overrides: str):
+            cfg = compose("config", overrides=[*base, *overrides])
+            return from_hydra(cfg), plain(cfg)
+        yield make
+    GlobalHydra.instance().clear()
+
+
+def train_job(make, run_dir: Path, *overrides: str) -> dict:
+    """Train the run `make(*overrides)` composes into `run_dir` (overrides recorded)."""
+    from dgrun.run import run
+
+    cfg, config = make(*overrides)
+    return run(cfg, run_dir, config, overrides=list(overrides))
+
+
 def cli_here(capsys, *argv: str) -> tuple[int, str, str]:
     """A `dgrun` subcommand (report, show, list, inspect, analyze, --version) run in this
     process: (exit code, stdout, stderr). Training commands go through `dgrun` itself."""

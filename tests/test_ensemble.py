@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
-from conftest import read_metrics, read_summary
+from conftest import composer, read_metrics, read_summary, train_job
 from dgrun import checkpoint, ensemble
-from dgrun.config import Component, config_dir, from_hydra, plain, register_schemas
+from dgrun.config import Component
 from dgrun.data import DATASETS
 from dgrun.data.bundle import Bundle, Meta, Split
 from dgrun.errors import UserError
@@ -37,19 +35,10 @@ SMALL = ["model.width=64", "threads=1", "trainer.progress=none", "quiet=true"]
 @pytest.fixture(scope="module")
 def job():
     """job(overrides) -> (RunConfig, resolved config); train(dir, overrides) runs it."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        def make(*overrides: str):
-            cfg = compose("config", overrides=[*SMALL, *overrides])
-            return from_hydra(cfg), plain(cfg)
-        yield make
-    GlobalHydra.instance().clear()
+    yield from composer(*SMALL)
 
 
-def train(job, run_dir: Path, *overrides: str) -> dict:
-    cfg, config = job(*overrides)
-    return run(cfg, run_dir, config, overrides=list(overrides))
+train = train_job
 
 
 def rows(run_dir: Path) -> list[dict]:

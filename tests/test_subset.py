@@ -8,15 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import dgrun, read_metrics, read_summary
+from conftest import composer, dgrun, read_metrics, read_summary, train_job
 from dgrun import checkpoint
-from dgrun.config import config_dir, from_hydra, plain, register_schemas
 from dgrun.data import pipeline, subset
 from dgrun.errors import UserError
-from dgrun.run import run
 
 SMALL = ["model.width=32", "threads=1", "trainer.progress=none", "quiet=true",
          "trainer.stop_at_interpolation=false", "corruption=partial_labels",
@@ -25,19 +21,10 @@ SMALL = ["model.width=32", "threads=1", "trainer.progress=none", "quiet=true",
 
 @pytest.fixture(scope="module")
 def job():
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        def make(*overrides: str):
-            cfg = compose("config", overrides=[*SMALL, *overrides])
-            return from_hydra(cfg), plain(cfg)
-        yield make
-    GlobalHydra.instance().clear()
+    yield from composer(*SMALL)
 
 
-def train(job, run_dir: Path, *overrides: str) -> dict:
-    cfg, config = job(*overrides)
-    return run(cfg, run_dir, config, overrides=list(overrides))
+train = train_job
 
 
 def full_train(job):
