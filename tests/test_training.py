@@ -141,3 +141,42 @@ def test_diverged_run_does_not_stop_a_sweep(tmp_path):
           *FAST)
     assert read_summary(sweep / "0")["status"] == "diverged"
     assert read_summary(sweep / "1")["status"] == "completed"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_loss_between_evaluations_ends_the_run_as_diverged(bad):
+    """One non-finite training loss between two evaluations is seen at the next one, even
+    when the weights stay finite and later losses are finite again (the loop sums the
+    losses on the device and checks the sum at each evaluation)."""
+    from dgrun import train
+    from dgrun.data.bundle import Split
+
+    gen = torch.Generator().manual_seed(0)
+    data = Split(torch.randn(64, 8, generator=gen), torch.randint(2, (64,), generator=gen))
+
+    class Hooks:
+        def on_step(self, state): pass
+        def on_eval(self, state, row): pass
+        def save(self, state, reason): pass
+        def stop_requested(self): return None
+
+    calls = []
+
+    def objective(out, y, rows):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        # A constant has no gradient: the weights stay finite, only the loss is not.
+        return loss + (bad if len(calls) == 3 else 0.0)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = train.Plan(seed=0, batch_size=16, steps_per_epoch=4, max_steps=20,
+                      max_time_s=None, is_eval_step=lambda s: s % 10 == 0,
+                      is_checkpoint_step=lambda s: False, stop_at_interpolation=False)
+    f = torch.nn.functional.cross_entropy
+    state = train.fit(model, data, data, opt,
+                      torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), objective,
+                      lambda out, y: f(out, y, reduction="sum"), plan, train.State(), Hooks())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (state.status, state.stop_reason, state.step) == ("diverged", "non-finite loss", 10)
