@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dgrun import ensemble, models, optim, probes, progress, runtime, trackers
+from dgrun import ensemble, heap, models, optim, probes, progress, runtime, trackers
 from dgrun.assemble import (claim_tracker_files, describe, load_data, log_points,  # noqa: F401
                             make_plan, restore_extras)
 from dgrun.config import RunConfig
@@ -310,12 +310,15 @@ def train(cfg: RunConfig, parts: Parts, state: State, record: RunDir, facts: Fac
     state.steps_per_epoch = plan.steps_per_epoch
     try:
         recorder.start(state)
-        with guard, bar:
-            state = fit(parts.model, parts.bundle.train, parts.bundle.test, parts.optimizer,
-                        parts.scheduler, parts.objective, parts.eval_loss, plan, state, recorder,
-                        augment=parts.augment, prepare=parts.bundle.prepare, probes=parts.probes,
-                        val=parts.bundle.val, forward=parts.forward)
-        summary = recorder.finish(state, log_x=t.eval_schedule == "log", title=_title(cfg, parts))
+        with heap.settled():
+            with guard, bar:
+                state = fit(parts.model, parts.bundle.train, parts.bundle.test,
+                            parts.optimizer, parts.scheduler, parts.objective, parts.eval_loss,
+                            plan, state, recorder, augment=parts.augment,
+                            prepare=parts.bundle.prepare, probes=parts.probes,
+                            val=parts.bundle.val, forward=parts.forward)
+            summary = recorder.finish(state, log_x=t.eval_schedule == "log",
+                                      title=_title(cfg, parts))
     except BaseException as e:
         record_failure(recorder, state, e)
         raise
@@ -379,7 +382,7 @@ def _run_ensemble(cfg: RunConfig, run_dir: Path, config: dict, setup: Setup,
             m_sinks.start(m.record.path, m.config, resume=m.payload is not None)
             m.recorder = ensemble.recorder(m, facts, m_sinks, stack, parts, guard)
     try:
-        with guard, parts.bar:
+        with heap.settled(), guard, parts.bar:
             fit_members(stack, parts, members, guard, start)
     except BaseException as e:
         for m in members:
