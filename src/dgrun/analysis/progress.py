@@ -22,9 +22,8 @@ from dgrun.analysis.options import Count, Positive
 from dgrun.errors import UserError
 from dgrun.losses import LOSSES
 from dgrun.probes.fourier import OPERATION_SIGNS
-from dgrun.probes.modular_progress import (all_pairs, chance_loss, detect_phases,
-                                           embedding_measures, logit_key_frequencies,
-                                           progress_measures)
+from dgrun.probes.modular_progress import (LogitView, all_pairs, chance_loss, detect_phases,
+                                           embedding_measures, logit_key_frequencies)
 
 
 def progress_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint], *, p: int,
@@ -50,18 +49,17 @@ def progress_over_checkpoints(model: nn.Module, checkpoints: Sequence[Checkpoint
         if keys is None:
             keys = logit_key_frequencies(logits_at(checkpoints[-1][1]), sign, min_share)
         for step, state in checkpoints:
-            logits = logits_at(state)
+            view = LogitView(logits_at(state), sign)
             row = {"step": step}
             for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
                 out = predict(model, x)
                 row[f"{name}_loss"] = float(eval_sum(out, y.to(out.device))) / len(y)
-            row.update(progress_measures(logits, sign, keys, eval_sum, train_pairs,
-                                         train_y.cpu()))
+            row.update(view.measures(keys, eval_sum, train_pairs, train_y.cpu()))
             embedded = embedding_measures(model, p, vocab)
             row["fourier_gini"] = embedded["fourier_gini"]
             row["sum_sq_weights"] = sum(float(w.detach().pow(2).sum())
                                         for w in model.parameters())
-            row["num_key_frequencies"] = len(logit_key_frequencies(logits, sign, min_share))
+            row["num_key_frequencies"] = len(view.key_frequencies(min_share))
             rows.append(row)
     frame = pd.DataFrame(rows)
     summary = {"p": p, "operation": operation, "loss": loss, "key_frequencies": list(keys),

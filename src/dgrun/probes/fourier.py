@@ -100,29 +100,43 @@ def _diagonal_index(p: int, sign: int, device: str) -> Tensor:
 
 def diagonal_profile(logits: Tensor, sign: int) -> Tensor:
     """(p,) float64: D[n], the mean of (p, p, p) logits over the entries with a + s b - c = n."""
-    p = logits.shape[0]
-    index = diagonal_index(p, sign, logits.device).flatten()
-    sums = torch.zeros(p, dtype=torch.float64, device=logits.device)
-    sums.index_add_(0, index, logits.detach().double().flatten())
+    return diagonal_profile_of(logits.detach().double(), sign)
+
+
+def diagonal_profile_of(wide: Tensor, sign: int) -> Tensor:
+    """diagonal_profile of logits already in float64 (a caller that needs them so anyway)."""
+    p = wide.shape[0]
+    index = diagonal_index(p, sign, wide.device).flatten()
+    sums = torch.zeros(p, dtype=torch.float64, device=wide.device)
+    sums.index_add_(0, index, wide.flatten())
     return sums / p ** 2
+
+
+def spectrum_of(profile: Tensor, p: int) -> Tensor:
+    """logit_spectrum from the diagonal profile (p,) on the CPU."""
+    basis, freqs = fourier_basis(p)
+    # Each n holds p^2 entries, so a unit-norm direction over n has norm p over (a, b, c).
+    return _by_frequency(basis @ profile, freqs, p) * p ** 2
 
 
 def logit_spectrum(logits: Tensor, sign: int) -> Tensor:
     """(p//2,) float64: for k = 1..p//2, the squared norm over all p^3 entries of the logits'
     components along cos(w_k n) and sin(w_k n), n = a + s b - c."""
-    p = logits.shape[0]
+    return spectrum_of(diagonal_profile(logits, sign).cpu(), logits.shape[0])
+
+
+def key_profile(profile: Tensor, keys: list[int]) -> Tensor:
+    """(p,) float64 over n: the diagonal profile low-passed to the frequencies in `keys` (no
+    constant): the key part of the logits is this at n = a + s b - c."""
+    p = profile.shape[0]
     basis, freqs = fourier_basis(p)
-    profile = diagonal_profile(logits, sign).cpu()
-    # Each n holds p^2 entries, so a unit-norm direction over n has norm p over (a, b, c).
-    return _by_frequency(basis @ profile, freqs, p) * p ** 2
+    keep = torch.tensor([f in set(keys) for f in freqs])
+    return basis[keep].T @ (basis[keep] @ profile)
 
 
 def key_component(logits: Tensor, sign: int, keys: list[int]) -> Tensor:
     """(p, p, p): the part of the logits along cos/sin(w_k (a + s b - c)) for k in `keys`
     (no constant). logits - this is the excluded view; mean + this the restricted one."""
     p = logits.shape[0]
-    basis, freqs = fourier_basis(p)
-    keep = torch.tensor([f in set(keys) for f in freqs])
-    profile = diagonal_profile(logits, sign).cpu()
-    low_passed = basis[keep].T @ (basis[keep] @ profile)           # (p,) over n
+    low_passed = key_profile(diagonal_profile(logits, sign).cpu(), keys)
     return low_passed.to(logits.device, logits.dtype)[diagonal_index(p, sign, logits.device)]

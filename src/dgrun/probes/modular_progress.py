@@ -63,8 +63,8 @@ from dgrun.losses import LOSSES
 from dgrun.metrics import number
 from dgrun.probes import PROBES
 from dgrun.probes.base import Evaluation, Probe
-from dgrun.probes.fourier import (OPERATION_SIGNS, frequency_norms, gini, key_component,
-                                  key_frequencies, logit_spectrum)
+from dgrun.probes.fourier import (OPERATION_SIGNS, diagonal_profile_of, frequency_norms, gini,
+                                  key_frequencies, key_profile, spectrum_of)
 
 PHASE_LABELS = (("circuit_formation_step", "circuit formation starts"),
                 ("cleanup_step", "cleanup starts"), ("cleanup_end_step", "cleanup ends"))
@@ -104,28 +104,65 @@ def all_pairs(p: int, device=None) -> Tensor:
 def logit_key_frequencies(logits: Tensor, sign: int, min_share: float = 0.5) -> list[int]:
     """Frequencies whose a + s b - c components hold >= min_share x an even share (1/(p//2))
     of the (p, p, p) logits' variance."""
-    p = logits.shape[0]
-    variance = float((logits.double() - logits.double().mean()).pow(2).sum())
-    if variance <= 0:
-        return []
-    share = logit_spectrum(logits, sign) / variance
-    return [k + 1 for k in range(p // 2) if float(share[k]) >= min_share / (p // 2)]
+    return LogitView(logits, sign).key_frequencies(min_share)
+
+
+class LogitView:
+    """One evaluation's (p, p, p) logits seen through their diagonal profile D[n] (n = a + s b
+    - c): every measure here needs only D, the logits' mean and variance, and the logits of
+    the training rows, so the p^3 table is read twice (one float64 copy, one pass each for D
+    and the variance) instead of once per measure."""
+
+    def __init__(self, logits: Tensor, sign: int):
+        self.logits, self.sign, self.p = logits, sign, logits.shape[0]
+        wide = logits.detach().double()
+        flat = wide.flatten()
+        # The squared norm about the mean, as sum x^2 - N mean^2: two BLAS-speed passes
+        # (var_mean's Welford pass took 5 ms at p = 97), exact enough in float64.
+        self.variance = max(0.0, float(flat @ flat) - float(flat.sum()) ** 2 / flat.numel())
+        self.mean = logits.mean()
+        self.profile = diagonal_profile_of(wide, sign).cpu()
+
+    def key_frequencies(self, min_share: float = 0.5) -> list[int]:
+        if self.variance <= 0:
+            return []
+        share = spectrum_of(self.profile, self.p) / self.variance
+        half = self.p // 2
+        return [k + 1 for k in range(half) if float(share[k]) >= min_share / half]
+
+    def measures(self, keys: Sequence[int], eval_sum, train_pairs: Tensor,
+                 train_labels: Tensor) -> dict[str, float]:
+        """restricted_loss (all pairs) and excluded_loss (train pairs); see progress_measures."""
+        p, logits = self.p, self.logits
+        # The key part K[n] as a function of n; on pair (a, b), class c it is K[(t - c) mod p],
+        # t = (a + s b) mod p the pair's answer.
+        wide = key_profile(self.profile, list(keys))
+        # Restricted logits on pair (a, b) are mean + K[(t - c) mod p] with label t: the same
+        # row for every pair up to a cyclic relabelling of the classes, which no loss sees. So
+        # one row (t = 0) gives the loss of all p^2, in float64: one row's float32 rounding
+        # is not averaged away as p^2 rows' was (3e-4 of a loss near 5e-4).
+        row = float(self.mean) + wide[(-torch.arange(p)) % p]
+        restricted = eval_sum(row.unsqueeze(0), torch.zeros(1, dtype=torch.int64))
+        k = wide.to(logits.device, logits.dtype)
+        classes = torch.arange(p, device=logits.device)
+        a, b = train_pairs // p, train_pairs % p
+        answer = (a + self.sign * b) % p
+        excluded = logits.reshape(p * p, p)[train_pairs] - \
+            k[(answer[:, None] - classes[None, :]) % p]
+        return {"restricted_loss": float(restricted),
+                "excluded_loss": float(eval_sum(excluded.float(), train_labels)) /
+                len(train_pairs)}
 
 
 def progress_measures(logits: Tensor, sign: int, keys: Sequence[int], eval_sum,
-                      train_pairs: Tensor, train_labels: Tensor) -> dict[str, float]:
+                      train_pairs: Tensor, train_labels: Tensor,
+                      view: Optional[LogitView] = None) -> dict[str, float]:
     """restricted_loss (all pairs) and excluded_loss (train pairs) of (p, p, p) logits.
 
     train_pairs: (N,) flat indices a * p + b of the training rows; eval_sum(logits, y) the
-    summed loss."""
-    p = logits.shape[0]
-    key_part = key_component(logits, sign, list(keys))
-    restricted = (logits.mean() + key_part).reshape(p * p, p)
-    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
-    truth = ((a + sign * b) % p).to(logits.device)
-    excluded = (logits - key_part).reshape(p * p, p)[train_pairs]
-    return {"restricted_loss": float(eval_sum(restricted.float(), truth)) / (p * p),
-            "excluded_loss": float(eval_sum(excluded.float(), train_labels)) / len(train_pairs)}
+    summed loss; `view` the LogitView of these logits if one was made already."""
+    view = view if view is not None else LogitView(logits, sign)
+    return view.measures(keys, eval_sum, train_pairs, train_labels)
 
 
 def embedding_measures(model: nn.Module, p: int, vocab: int) -> dict:
@@ -194,18 +231,25 @@ class ModularProgressProbe(Probe):
         self.eval_sum, self.min_share, self.fixed_keys = eval_sum, min_share, fixed_keys
         self.rise, self.fall = rise, fall
         self.last: dict = {}
+        self._layout = None  # (the splits' x tensors, their flat pair indices, covers all)
 
     def _all_logits(self, ev: Evaluation) -> tuple[Tensor, Tensor]:
         """(p, p, p) logits over every pair, and the training rows' flat pair indices. The
         train and test splits together hold every pair once for x + y and x - y, so their
         logits (computed for this evaluation anyway) are reused rather than recomputed."""
         p = self.p
-        flat = {name: ev.split(name).x[:, 0] * p + ev.split(name).x[:, 1]
-                for name in ("train", "test")}
-        both = torch.cat([flat["train"], flat["test"]])
-        if len(both) == p * p and bool((both.sort().values ==
-                                        torch.arange(p * p, device=both.device)).all()):
-            logits = torch.empty(p * p, p, device=both.device)
+        splits = (ev.split("train").x, ev.split("test").x)
+        if self._layout is None or any(a is not b for a, b in zip(self._layout[0], splits)):
+            # The splits' rows never change during a run: their pair indices, and whether
+            # they cover every pair, are worked out once (a sort of p^2 indices otherwise).
+            flat = {name: x[:, 0] * p + x[:, 1] for name, x in zip(("train", "test"), splits)}
+            both = torch.cat([flat["train"], flat["test"]])
+            covers = len(both) == p * p and bool((both.sort().values == torch.arange(
+                p * p, device=both.device)).all())
+            self._layout = (splits, flat, covers)
+        _, flat, covers = self._layout
+        if covers:
+            logits = torch.empty(p * p, p, device=flat["train"].device)
             logits[flat["train"]] = ev.logits("train")[:, :p]
             logits[flat["test"]] = ev.logits("test")[:, :p]
         else:
@@ -222,10 +266,10 @@ class ModularProgressProbe(Probe):
         if self.sign is None:
             return values
         logits, train_pairs = self._all_logits(ev)
+        view = LogitView(logits, self.sign)
         keys = self.fixed_keys if self.fixed_keys is not None else \
-            logit_key_frequencies(logits, self.sign, self.min_share)
-        values.update(progress_measures(logits, self.sign, keys, self.eval_sum, train_pairs,
-                                        ev.train.y))
+            view.key_frequencies(self.min_share)
+        values.update(view.measures(keys, self.eval_sum, train_pairs, ev.train.y))
         values["num_key_frequencies"] = len(keys)
         self.last["key_frequencies"] = keys
         return values
