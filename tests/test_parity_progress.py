@@ -40,7 +40,7 @@ def test_an_exact_parity_model_has_all_its_fourier_mass_on_the_subset():
     bundle = sparse_parity(n=10, k=3, train_size=100)
     support = bundle.meta.extra["support"]
     row, probe = measure(ExactParity(10, support, leak=0.25), bundle)
-    # 2^10 <= 8192 points: the whole cube, so the coefficients are exact.
+    # 2^10 <= 2048 points (the default sample): the whole cube, so the coefficients are exact.
     assert row["relevant_fourier_coef"] == pytest.approx(1.0)
     assert row["best_wrong_fourier_coef"] == pytest.approx(0.0, abs=1e-12)
     assert row["relevant_weight_ratio"] == pytest.approx(4.0)   # 1 / 0.25

@@ -162,7 +162,7 @@ class ParityProgressProbe(Probe):
 
 
 @PROBES.register("parity_progress")
-def parity_progress(*, meta, seed, sample: int = 8192, wrong_subsets: int = 200,
+def parity_progress(*, meta, seed, sample: int = 2048, wrong_subsets: int = 200,
                     gap: float = 2.0) -> ParityProgressProbe:
     """Weight on the relevant coordinates and the Fourier gap (Barak et al. 2022)."""
     if meta.name != "sparse_parity":
