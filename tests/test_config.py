@@ -31,10 +31,19 @@ def composer():
 
 
 def test_config_groups_and_registries_agree():
+    """Every registered component has its config file, named after it; a further file is a
+    preset of a registered one (conf/scheduler/zhang2017.yaml: `name: exponential`)."""
+    import yaml
+
     for group, registry in [("dataset", DATASETS), ("model", MODELS),
                             ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                             ("objective", OBJECTIVES)]:
-        assert choices(group) == registry.names(), group
+        names = {stem: yaml.safe_load((CONF / group / f"{stem}.yaml").read_text())["name"]
+                 for stem in choices(group)}
+        assert set(registry.names()) <= set(names), group
+        assert all(names[n] == n for n in registry.names()), group
+        assert set(names.values()) <= set(registry.names()), group
+    assert choices("scheduler") == sorted([*SCHEDULERS.names(), "zhang2017"])
 
 
 def test_every_choice_composes_and_validates_with_every_dataset(composer):
@@ -134,3 +143,14 @@ def test_schema_types_sweep_values(composer):
 def test_mismatched_model_and_data_fail_before_loading(composer):
     with pytest.raises(UserError, match="cannot take vector data"):
         from_hydra(composer("dataset=mnist1d", "model=inception"))
+
+
+def test_a_presets_schedule_is_replaced_whole_by_another_scheduler(composer):
+    """phenomenon=rethinking's schedule (0.95 per 391 steps) is a scheduler choice of its own,
+    so scheduler=constant replaces it rather than inheriting gamma and epoch_steps."""
+    run = from_hydra(composer("phenomenon=rethinking"))
+    assert run.scheduler.name == "exponential"
+    assert run.scheduler.options == {"gamma": 0.95, "staircase": True, "warmup_steps": 0,
+                                     "epoch_steps": 391}
+    run = from_hydra(composer("phenomenon=rethinking", "scheduler=constant"))
+    assert (run.scheduler.name, run.scheduler.options) == ("constant", {"warmup_steps": 0})
