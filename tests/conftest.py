@@ -101,3 +101,12 @@ def cli_here(capsys, *argv: str) -> tuple[int, str, str]:
         code = int(e.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+class NoHooks:
+    """dgrun.train.fit's hooks for a test that calls the loop directly: nothing recorded."""
+
+    def on_step(self, state): pass
+    def on_eval(self, state, row): pass
+    def save(self, state, reason): pass
+    def stop_requested(self): return None

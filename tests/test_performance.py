@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import dgrun, read_summary, train_here
+from conftest import NoHooks, dgrun, read_summary, train_here
 from dgrun import runtime
 
 
@@ -226,17 +226,6 @@ def test_channels_last_and_bf16_match_the_default_and_resume_exactly(tmp_path):
     assert _rows(split) == _rows(tmp_path / "straight")
 
 
-class QuietHooks:
-    def on_step(self, state):
-        pass
-    def on_eval(self, state, row):
-        pass
-    def save(self, state, reason):
-        pass
-    def stop_requested(self):
-        return None
-
-
 def fit_tiny(max_steps: int, is_eval_step, hooks):
     """`fit` on a small MLP with dropout, momentum, a decaying lr and gradient clipping: every
     per-step feature that could read a value back."""
@@ -266,7 +255,7 @@ def test_training_steps_never_wait_for_the_device():
     reads = {"n": 0}
     watching = {"on": False}
 
-    class Watching(QuietHooks):
+    class Watching(NoHooks):
         def on_step(self, state):
             watching["on"] = True  # from the first step's end to the next evaluation
 
@@ -306,7 +295,7 @@ def test_the_profiler_sees_no_scalar_reads_that_grow_with_the_steps():
 
     def scalar_reads(steps: int) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fit_tiny(steps, lambda s: s == steps, QuietHooks())
+            fit_tiny(steps, lambda s: s == steps, NoHooks())
         return sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
 
     assert scalar_reads(20) == scalar_reads(40)
@@ -407,12 +396,6 @@ def test_the_step_seed_is_set_only_while_a_step_draws_random_numbers(monkeypatch
     gen = torch.Generator().manual_seed(0)
     data = Split(torch.randn(64, 8, generator=gen), torch.randint(2, (64,), generator=gen))
 
-    class Hooks:
-        def on_step(self, state): pass
-        def on_eval(self, state, row): pass
-        def save(self, state, reason): pass
-        def stop_requested(self): return None
-
     for dropout, expected in ((0.0, [0]), (0.5, list(range(10)))):
         seeded.clear()
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(dropout),
@@ -424,7 +407,7 @@ def test_the_step_seed_is_set_only_while_a_step_draws_random_numbers(monkeypatch
         f = torch.nn.functional.cross_entropy
         train.fit(model, data, data, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                   lambda out, y, rows: f(out, y), lambda out, y: f(out, y, reduction="sum"),
-                  plan, train.State(), Hooks())
+                  plan, train.State(), NoHooks())
         assert seeded == expected
 
 

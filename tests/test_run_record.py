@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FAST, dgrun, read_metrics, read_summary, train_here
+from conftest import FAST, NoHooks, dgrun, read_metrics, read_summary, train_here
 from dgrun import report
 
 SHORT = ["trainer.max_epochs=3", "trainer.stop_at_interpolation=false", *FAST]
@@ -337,12 +337,6 @@ def tiny_fit(**plan_options):
     from dgrun.losses import LOSSES
     from dgrun.train import Plan, State, fit
 
-    class Hooks:
-        def on_step(self, state): pass
-        def on_eval(self, state, row): pass
-        def save(self, state, reason): pass
-        def stop_requested(self): return None
-
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     before = [p.detach().clone() for p in model.parameters()]
@@ -355,7 +349,7 @@ def tiny_fit(**plan_options):
                 is_eval_step=lambda s: False, is_checkpoint_step=lambda s: False,
                 stop_at_interpolation=False, **plan_options)
     fit(model, split, split, opt, sched, lambda out, y, rows: loss(out, y), eval_loss, plan,
-        State(), Hooks())
+        State(), NoHooks())
     return before, [p.detach() for p in model.parameters()]
 
 

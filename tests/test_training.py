@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import FAST, dgrun, read_metrics, read_summary
+from conftest import FAST, NoHooks, dgrun, read_metrics, read_summary
 from dgrun.cli import config_dir
 from dgrun.config import from_hydra, plain, register_schemas
 from dgrun.run import log_points, run
@@ -154,12 +154,6 @@ def test_a_non_finite_loss_between_evaluations_ends_the_run_as_diverged(bad):
     gen = torch.Generator().manual_seed(0)
     data = Split(torch.randn(64, 8, generator=gen), torch.randint(2, (64,), generator=gen))
 
-    class Hooks:
-        def on_step(self, state): pass
-        def on_eval(self, state, row): pass
-        def save(self, state, reason): pass
-        def stop_requested(self): return None
-
     calls = []
 
     def objective(out, y, rows):
@@ -177,6 +171,7 @@ def test_a_non_finite_loss_between_evaluations_ends_the_run_as_diverged(bad):
     f = torch.nn.functional.cross_entropy
     state = train.fit(model, data, data, opt,
                       torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), objective,
-                      lambda out, y: f(out, y, reduction="sum"), plan, train.State(), Hooks())
+                      lambda out, y: f(out, y, reduction="sum"), plan, train.State(),
+                      NoHooks())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (state.status, state.stop_reason, state.step) == ("diverged", "non-finite loss", 10)
