@@ -5,7 +5,7 @@ import re
 
 import pandas as pd
 
-from conftest import FAST, cli_here, dgrun, train_here
+from conftest import FAST, cli_here, dgrun, read_summary, train_here
 from dgrun import __version__
 
 
@@ -46,9 +46,14 @@ def test_inspect_shows_layers_shapes_and_the_total(capsys):
 def test_show_a_run_and_a_sweep(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     for seed in (0, 1):
-        train_here(sweep / str(seed), f"seed={seed}", "trainer.max_epochs=2", *FAST)
+        train_here(sweep / str(seed), f"seed={seed}", "trainer.max_epochs=2", *FAST,
+                   "corruption=partial_labels", "corruption.prob=0.2")
     one = cli_here(capsys, "show", str(sweep / "1"))[1]
     assert "completed (max_epochs) at step 24" in one and "last 3 of 3 metrics rows" in one
+    # The run's closing lines, as it printed them when it ended.
+    from dgrun.probes.closing import closing_lines
+    lines = closing_lines(read_summary(sweep / "1"))
+    assert lines and all(line in one for line in lines)
     many = cli_here(capsys, "show", str(sweep))[1]
     assert "2 runs: 2 completed" in many
     assert len([line for line in many.splitlines() if "completed (max_epochs)" in line]) == 2

@@ -1,6 +1,6 @@
 """`dgrun show PATH`: where a run (or every run of a sweep) stands, like `squeue` for dgrun.
 
-    dgrun show outputs/2026-11-24/10-00-00     one run: status, summary, its last metrics rows
+    dgrun show outputs/2026-11-24/10-00-00     one run: status, summary, closing lines, last rows
     dgrun show multirun/2026-11-24/10-00-00    a sweep: one line per run
 
 Read from the run directories only (summary.json, metrics.csv, the stored config), so it works
@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from dgrun.errors import UserError
+from dgrun.probes.closing import closing_lines
+from dgrun.readback import read_summary
 from dgrun.rundir import holder
 
 LAST_ROWS = 5
@@ -86,6 +88,9 @@ def _one(console, run: pd.Series, curve, rows: int) -> None:
         console.print("  interpolation threshold not reached")
     if isinstance(run.get("error"), str) and run["error"]:
         console.print(f"  error: {run['error']}", markup=False)
+    # The phenomenon's numbers, as the run printed them when it ended (dgrun.probes.closing).
+    for line in closing_lines(read_summary(Path(run["run_dir"]) / "summary.json")):
+        console.print(f"  {line}", markup=False, soft_wrap=True)
     if curve is not None and len(curve):
         grid = Table(title=f"last {min(rows, len(curve))} of {len(curve)} metrics rows",
                      title_justify="left")
