@@ -34,6 +34,7 @@ CASES = {  # case -> (plain script, dgrun's overrides)
     "phase_transition": ("phase_transition", ["phenomenon=phase_transition"]),
     "default": ("default", []),
     "rethinking": ("rethinking", ["phenomenon=rethinking"]),
+    "robustness": ("robustness", ["phenomenon=robustness"]),
     # The presets without their hidden-progress probe (Fourier measures the plain scripts do
     # not compute): what dgrun adds to the same work.
     "grokking -modular_progress": ("grokking", ["phenomenon=grokking",
@@ -44,6 +45,8 @@ CASES = {  # case -> (plain script, dgrun's overrides)
     # Without last-layer retraining (a logistic regression fitted every 10th evaluation): the
     # plain script computes the `groups` probe's columns, not this one's.
     "simplicity_bias -dfr": ("simplicity_bias", ["phenomenon=simplicity_bias", "~probes.dfr"]),
+    # Without the corruption and attack accuracies: the plain script only trains.
+    "robustness -robustness": ("robustness", ["phenomenon=robustness", "~probes.robustness"]),
 }
 
 

@@ -9,28 +9,15 @@ progress (no new best train accuracy, no train loss 1% below its best: dgrun's s
     python benchmarks/plain/rethinking.py --out /tmp/plain-rethinking
 """
 import math
-import os
 import time
 
-import numpy as np
 import torch
 
-from _shared import arguments, derive_seed, evaluate, write
+from _shared import arguments, derive_seed, digits_split, evaluate, write
 
 args = arguments(__doc__)
-import importlib.util  # noqa: E402
-
 LR, GAMMA, DECAY_STEPS, BATCH, MAX_EPOCHS, PATIENCE = 0.01, 0.95, 391, 128, 2000, 25
-
-csv_path = os.path.join(importlib.util.find_spec("sklearn").submodule_search_locations[0],
-                        "datasets", "data", "digits.csv.gz")
-table = np.loadtxt(csv_path, delimiter=",")
-images = torch.from_numpy((table[:, :-1].reshape(-1, 8, 8)).astype(np.float32) / 16.0)
-x, y = images.unsqueeze(1), torch.from_numpy(table[:, -1].astype(np.int64))
-order = np.random.default_rng(0).permutation(len(y))
-n_test = int(round(len(y) * 0.2))
-train, test = torch.from_numpy(order[n_test:]), torch.from_numpy(order[:n_test])
-train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
+train_x, train_y, test_x, test_y = digits_split()
 
 
 def whiten(batch):

@@ -10,25 +10,16 @@ logistic-regression last layer refitted on the val split every 10th evaluation) 
 
     python benchmarks/plain/simplicity_bias.py --out /tmp/plain-simplicity_bias
 """
-import os
 import time
 
-import numpy as np
 import torch
 
-from _shared import arguments, derive_seed, write
+from _shared import arguments, derive_seed, sklearn_digits, standardizer, write
 
 args = arguments(__doc__)
-import importlib.util  # noqa: E402
-
 STEPS, BATCH, PER_DECADE, RHO = 3000, 128, 20, 0.9
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0)}  # colour a=0 agrees with y=0
-
-csv_path = os.path.join(importlib.util.find_spec("sklearn").submodule_search_locations[0],
-                        "datasets", "data", "digits.csv.gz")
-table = np.loadtxt(csv_path, delimiter=",")
-gray = torch.from_numpy(table[:, :-1].reshape(-1, 8, 8).astype(np.float32) / 16.0).unsqueeze(1)
-digit = torch.from_numpy(table[:, -1].astype(np.int64))
+gray, digit = sklearn_digits()
 
 
 def generator(*names):
@@ -61,15 +52,7 @@ train_x, train_y, train_group = colour("train", RHO)
 test_x, test_y, test_group = colour("test", 0.5)
 GROUPS = [f"y_{label}_color_{name}" for label in (0, 1) for name in COLORS]
 
-# Per-channel standardization, statistics of the training split in float64; a constant channel
-# (blue: never painted) is only centred.
-count = len(train_x) * 8 * 8
-mean = train_x.sum(dim=(0, 2, 3), dtype=torch.float64) / count
-squares = train_x.square().sum(dim=(0, 2, 3), dtype=torch.float64)
-std = ((squares - count * mean.pow(2)) / (count - 1)).clamp_min(0).sqrt()
-std = torch.where(std < 1 / 255, torch.ones_like(std), std)
-mean, std = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
-prepare = lambda b: (b - mean) / std  # noqa: E731
+prepare = standardizer(train_x)  # the blue channel, never painted, is only centred
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 512), torch.nn.ReLU(),
