@@ -5,9 +5,10 @@
 
 Each repeat runs dgrun and the plain script back to back (the order alternates between
 repeats), both with 1 thread, and checks that the plain script reproduced dgrun's train and
-test accuracy at every evaluation (a mismatch fails the benchmark: the two would not be doing
-the same work). Prints a table of medians: process seconds, training steps per second
-(evaluation excluded), and dgrun's ratio to the plain script.
+test accuracy, and every other accuracy column it writes (simplicity_bias: the groups'), at
+every evaluation (a mismatch fails the benchmark: the two would not be doing the same work).
+Prints a table of medians: process seconds, training steps per second (evaluation excluded),
+and dgrun's ratio to the plain script.
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def same_numbers(dgrun_dir: Path, plain_dir: Path) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--cases", default="grokking,phase_transition,default")
+    p.add_argument("--cases", default="grokking,phase_transition,default,simplicity_bias,"
+                                       "rethinking,robustness")
     p.add_argument("--out")
     args = p.parse_args()
     chosen = args.cases.split(",")
