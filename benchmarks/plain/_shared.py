@@ -1,5 +1,6 @@
-"""What the plain scripts share: dgrun's seed derivation (so they draw the same data), a
-chunked evaluation, and the metrics file. Plain PyTorch and the standard library only."""
+"""What the plain scripts share: dgrun's seed derivation (so they draw the same data), the
+digits and their split, per-channel standardization, a chunked evaluation, and the metrics
+file. Plain PyTorch, numpy and the standard library only."""
 from __future__ import annotations
 
 import argparse
