@@ -65,12 +65,17 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def is_accuracy(column: str) -> bool:
+    """train_acc, test_worst_group_acc, test_acc_y_0_color_red, ..."""
+    return column.endswith("_acc") or "_acc_" in column
+
+
 def accuracies(metrics: Path) -> dict[int, dict[str, float]]:
-    """Every evaluation's accuracy columns (train_acc, test_acc and any other `*_acc`, e.g. the
+    """Every evaluation's accuracy columns (train_acc, test_acc and the others, e.g. the
     per-group ones), by step; a blank cell (a probe that skipped that evaluation) is left out."""
     with open(metrics) as f:
         return {int(float(r["step"])): {k: float(v) for k, v in r.items()
-                                        if k.endswith("_acc") and v not in ("", None)}
+                                        if is_accuracy(k) and v not in ("", None)}
                 for r in csv.DictReader(f)}
 
 
