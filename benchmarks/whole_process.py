@@ -5,9 +5,10 @@
 
 Each repeat runs dgrun and the plain script back to back (the order alternates between
 repeats), both with 1 thread, and checks that the plain script reproduced dgrun's train and
-test accuracy at every evaluation (a mismatch fails the benchmark: the two would not be doing
-the same work). Prints a table of medians: process seconds, training steps per second
-(evaluation excluded), and dgrun's ratio to the plain script.
+test accuracy, and every other accuracy column it writes (simplicity_bias: the groups'), at
+every evaluation (a mismatch fails the benchmark: the two would not be doing the same work).
+Prints a table of medians: process seconds, training steps per second (evaluation excluded),
+and dgrun's ratio to the plain script.
 """
 from __future__ import annotations
 
@@ -33,12 +34,20 @@ CASES = {  # case -> (plain script, dgrun's overrides)
     "grokking": ("grokking", ["phenomenon=grokking"]),
     "phase_transition": ("phase_transition", ["phenomenon=phase_transition"]),
     "default": ("default", []),
+    "rethinking": ("rethinking", ["phenomenon=rethinking"]),
+    "robustness": ("robustness", ["phenomenon=robustness"]),
     # The presets without their hidden-progress probe (Fourier measures the plain scripts do
     # not compute): what dgrun adds to the same work.
     "grokking -modular_progress": ("grokking", ["phenomenon=grokking",
                                                 "~probes.modular_progress"]),
     "phase_transition -parity_progress": ("phase_transition", ["phenomenon=phase_transition",
                                                                "~probes.parity_progress"]),
+    "simplicity_bias": ("simplicity_bias", ["phenomenon=simplicity_bias"]),
+    # Without last-layer retraining (a logistic regression fitted every 10th evaluation): the
+    # plain script computes the `groups` probe's columns, not this one's.
+    "simplicity_bias -dfr": ("simplicity_bias", ["phenomenon=simplicity_bias", "~probes.dfr"]),
+    # Without the corruption and attack accuracies: the plain script only trains.
+    "robustness -robustness": ("robustness", ["phenomenon=robustness", "~probes.robustness"]),
 }
 
 
@@ -56,22 +65,34 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def accuracies(metrics: Path) -> dict[int, tuple[float, float]]:
+def is_accuracy(column: str) -> bool:
+    """train_acc, test_worst_group_acc, test_acc_y_0_color_red, ..."""
+    return column.endswith("_acc") or "_acc_" in column
+
+
+def accuracies(metrics: Path) -> dict[int, dict[str, float]]:
+    """Every evaluation's accuracy columns (train_acc, test_acc and the others, e.g. the
+    per-group ones), by step; a blank cell (a probe that skipped that evaluation) is left out."""
     with open(metrics) as f:
-        return {int(float(r["step"])): (float(r["train_acc"]), float(r["test_acc"]))
+        return {int(float(r["step"])): {k: float(v) for k, v in r.items()
+                                        if is_accuracy(k) and v not in ("", None)}
                 for r in csv.DictReader(f)}
 
 
 def same_numbers(dgrun_dir: Path, plain_dir: Path) -> bool:
-    """Every evaluation at the same steps with the same accuracies (dgrun stores float32)."""
+    """Every evaluation at the same steps with the same train and test accuracy, and the same
+    value in every other accuracy column the plain script writes (dgrun stores float32)."""
     a, b = accuracies(dgrun_dir / "metrics.csv"), accuracies(plain_dir / "metrics.csv")
-    return a.keys() == b.keys() and all(abs(a[s][i] - b[s][i]) < 1e-6 for s in a for i in (0, 1))
+    return a.keys() == b.keys() and all(
+        {"train_acc", "test_acc"} <= b[s].keys() <= a[s].keys()
+        and all(abs(a[s][k] - b[s][k]) < 1e-6 for k in b[s]) for s in a)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--cases", default="grokking,phase_transition,default")
+    p.add_argument("--cases", default="grokking,phase_transition,default,simplicity_bias,"
+                                       "rethinking,robustness")
     p.add_argument("--out")
     args = p.parse_args()
     chosen = args.cases.split(",")

@@ -6,34 +6,15 @@ numbers.
 
     python benchmarks/plain/default.py --out /tmp/plain-default
 """
-import os
 import time
 
-import numpy as np
 import torch
 
-from _shared import arguments, derive_seed, evaluate, write
+from _shared import arguments, derive_seed, digits_split, evaluate, standardizer, write
 
 args = arguments(__doc__)
-import importlib.util  # noqa: E402
-
-csv_path = os.path.join(importlib.util.find_spec("sklearn").submodule_search_locations[0],
-                        "datasets", "data", "digits.csv.gz")
-table = np.loadtxt(csv_path, delimiter=",")
-images = torch.from_numpy((table[:, :-1].reshape(-1, 8, 8)).astype(np.float32) / 16.0)
-x, y = images.unsqueeze(1), torch.from_numpy(table[:, -1].astype(np.int64))
-order = np.random.default_rng(0).permutation(len(y))
-n_test = int(round(len(y) * 0.2))
-train, test = torch.from_numpy(order[n_test:]), torch.from_numpy(order[:n_test])
-train_x, train_y, test_x, test_y = x[train], y[train], x[test], y[test]
-
-# Per-channel standardization, statistics of the training split in float64.
-count = len(train_x) * 8 * 8
-mean = train_x.sum(dim=(0, 2, 3), dtype=torch.float64) / count
-squares = train_x.square().sum(dim=(0, 2, 3), dtype=torch.float64)
-std = ((squares - count * mean.pow(2)) / (count - 1)).clamp_min(0).sqrt().clamp_min(1e-6)
-mean, std = mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
-prepare = lambda b: (b - mean) / std  # noqa: E731
+train_x, train_y, test_x, test_y = digits_split()
+prepare = standardizer(train_x)
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
