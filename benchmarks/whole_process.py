@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import cpu_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CASES = {  # case -> (plain script, dgrun's overrides)
+CASES = {  # case -> (plain script [and its arguments], dgrun's overrides)
     "grokking": ("grokking", ["phenomenon=grokking"]),
     "phase_transition": ("phase_transition", ["phenomenon=phase_transition"]),
     "default": ("default", []),
     "rethinking": ("rethinking", ["phenomenon=rethinking"]),
-    "robustness": ("robustness", ["phenomenon=robustness"]),
+    "robustness": ("default --epochs 100 --past-fit", ["phenomenon=robustness"]),
     # The presets without their hidden-progress probe (Fourier measures the plain scripts do
     # not compute): what dgrun adds to the same work.
     "grokking -modular_progress": ("grokking", ["phenomenon=grokking",
@@ -47,7 +47,8 @@ CASES = {  # case -> (plain script, dgrun's overrides)
     # plain script computes the `groups` probe's columns, not this one's.
     "simplicity_bias -dfr": ("simplicity_bias", ["phenomenon=simplicity_bias", "~probes.dfr"]),
     # Without the corruption and attack accuracies: the plain script only trains.
-    "robustness -robustness": ("robustness", ["phenomenon=robustness", "~probes.robustness"]),
+    "robustness -robustness": ("default --epochs 100 --past-fit",
+                               ["phenomenon=robustness", "~probes.robustness"]),
 }
 
 
@@ -114,8 +115,9 @@ def main() -> int:
                     "dgrun": [sys.executable, "-m", "dgrun.cli", *overrides, "threads=1",
                               "quiet=true", "trainer.progress=none",
                               f"hydra.run.dir={tmp / 'dgrun'}"],
-                    "plain": [sys.executable, str(HERE / "plain" / f"{script}.py"),
-                              "--out", str(tmp / "plain"), "--threads", "1"]}
+                    "plain": [sys.executable, str(HERE / "plain" / f"{script.split()[0]}.py"),
+                              *script.split()[1:], "--out", str(tmp / "plain"),
+                              "--threads", "1"]}
                 order = ["dgrun", "plain"] if r % 2 == 0 else ["plain", "dgrun"]
                 for which in order:
                     load, psi = os.getloadavg()[0], pressure()

@@ -23,10 +23,13 @@ def derive_seed(seed: int, *names: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def arguments(doc: str) -> argparse.Namespace:
+def arguments(doc: str, more=None) -> argparse.Namespace:
+    """--out and --threads (set here), and what `more(parser)` adds."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for metrics.csv and result.json")
     p.add_argument("--threads", type=int, default=1)
+    if more is not None:
+        more(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     return args
