@@ -87,3 +87,36 @@ def test_dynamics_is_log_x_with_the_runs_marks_in_a_log_step_run(run_dir, drawn)
     panels = drawn["dynamics.png"]
     assert all(scale == "log" for _, scale, _, _ in panels[:3])
     assert any("memorization" in text for text in panels[0][2])
+
+
+def test_a_probes_phases_are_each_their_own_line_on_its_figure(tmp_path, drawn, monkeypatch):
+    """modular_progress's phases (circuit formation 200, cleanup 293 and its end 369, within
+    a factor 3 on a log axis) are three moments: three lines with their own colours and
+    legend entries, not one merged band; the legends sit beside the panels."""
+    import re
+
+    from dgrun.probes.progress_figures import plot_progress
+
+    steps = [1, 2, 5, 10, 20, 50, 100, 200, 300, 400]
+    rows = [{"step": s, "train_loss": 1 / s, "test_loss": 1.0, "restricted_loss": 0.5,
+             "excluded_loss": 0.9, "num_key_frequencies": 0, "fourier_gini": 0.1,
+             "sum_sq_weights": 100.0 + s} for s in steps]
+    marks = [(200, "circuit formation starts"), (293, "cleanup starts"), (369, "cleanup ends")]
+    axes = []
+    record = matplotlib.figure.Figure.savefig  # the `drawn` fixture's recorder
+
+    def keep(fig, *args, **kwargs):
+        axes.extend(fig.axes)
+        return record(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    plot_progress(rows, marks, tmp_path)
+    panels = drawn["progress_measures.png"]
+    assert len(panels) == 4
+    for _, scale, legend, colours in panels:
+        assert scale == "log"
+        assert [t for t in legend if re.search(r"\(\d+\)$", t)] == [
+            "circuit formation starts (200)", "cleanup starts (293)", "cleanup ends (369)"]
+        assert len(set(colours[-3:])) == 3
+    for ax in axes:  # beside the panel: the legend's anchor is right of the axes
+        assert ax.get_legend().get_bbox_to_anchor().x0 > ax.bbox.x1

@@ -115,10 +115,15 @@ def merge_marks(marks: Sequence[Mark], log_x: bool = False,
 
 
 def draw_marks(ax, marks: Sequence[Mark], log_x: bool = False,
-               extent: Optional[tuple[float, float]] = None) -> None:
+               extent: Optional[tuple[float, float]] = None, merge: bool = True) -> None:
     """One vertical line per event (a band when its detectors disagree on the step), one
-    distinct colour each; the labels, with their steps, go to the legend."""
-    for k, (first, last, label) in enumerate(merge_marks(marks, log_x, extent)):
+    distinct colour each; the labels, with their steps, go to the legend. `merge=False`: every
+    mark its own line, for marks that are distinct events however close (a probe's phase
+    boundaries: circuit formation at 200 and cleanup at 293 are two moments, not one)."""
+    events = merge_marks(marks, log_x, extent) if merge else [
+        (float(step), float(step), f"{label} ({step:g})") for step, label in sorted(marks)
+        if step is not None and not (log_x and step <= 0)]
+    for k, (first, last, label) in enumerate(events):
         colour = MARK_COLOURS[k % len(MARK_COLOURS)]
         ax.axvline(first, color=colour,
                    linestyle=MARK_DASHES[(k // len(MARK_COLOURS)) % len(MARK_DASHES)],

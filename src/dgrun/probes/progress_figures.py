@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from dgrun.plots import draw_marks, looks_log_spaced, pyplot, save_figure, series
+from dgrun.plots import draw_marks, legend_outside, looks_log_spaced, pyplot, save_figure, series
 
 Mark = tuple[int, str]
 
@@ -32,7 +32,9 @@ def _panel(ax, rows: list[dict], columns: Sequence[tuple[str, str]], log_x: bool
 
 def plot_panels(rows: list[dict], panels: Sequence[tuple[str, Sequence[tuple[str, str]], bool]],
                 marks: Sequence[Mark], path: Path, title: str) -> list[Path]:
-    """One figure, a panel per (y label, [(column, legend label)], log y); marks on each."""
+    """One figure, a panel per (y label, [(column, legend label)], log y); marks on each, every
+    one its own line (a probe's phases are distinct moments, however close on a log axis), and
+    legends beside the panels, where they hide no curve."""
     steps = series(rows, "step")[0] or [float(r["step"]) for r in rows]
     log_x = looks_log_spaced(steps)
     shown = [(label, cols, log_y) for label, cols, log_y in panels
@@ -40,14 +42,13 @@ def plot_panels(rows: list[dict], panels: Sequence[tuple[str, Sequence[tuple[str
     if not shown:
         return []
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = pyplot().subplots(len(shown), 1, figsize=(6.5, 2.8 * len(shown) + 0.6),
+    fig, axes = pyplot().subplots(len(shown), 1, figsize=(9.5, 2.8 * len(shown) + 0.6),
                                   dpi=120, sharex=True, squeeze=False)
     for ax, (label, cols, log_y) in zip(axes[:, 0], shown):
         _panel(ax, rows, cols, log_x, log_y)
-        draw_marks(ax, marks, log_x)
+        draw_marks(ax, marks, log_x, merge=False)
         ax.set_ylabel(label)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        legend_outside(ax)
     axes[0, 0].set_title(title, fontsize=9)
     axes[-1, 0].set_xlabel("step")
     return [save_figure(fig, path)]
