@@ -72,6 +72,20 @@ def test_the_run_records_the_rows_it_trained_on(job, tmp_path):
     assert not (whole / subset.RECORD_FILE).exists() and "subset" not in read_summary(whole)
 
 
+def test_a_finished_subset_run_missing_its_rows_gets_them_back(job, tmp_path, capsys):
+    """subset.npy is part of a finished subset run's record (memorization and LDS read it):
+    deleted, a re-run of the command writes it again, the same rows, without training."""
+    run_dir = tmp_path / "run"
+    train(job, run_dir, "dataset.subset_fraction=0.5", "trainer.max_steps=3")
+    rows, rows_csv = rows_of(run_dir), (run_dir / "metrics.csv").read_bytes()
+    (run_dir / subset.RECORD_FILE).unlink()
+    capsys.readouterr()
+    train(job, run_dir, "dataset.subset_fraction=0.5", "trainer.max_steps=3")
+    assert "repaired what was missing (subset.npy)" in capsys.readouterr().err
+    assert np.array_equal(rows_of(run_dir), rows)
+    assert (run_dir / "metrics.csv").read_bytes() == rows_csv
+
+
 def test_ensemble_members_train_on_their_own_subsets(job, tmp_path):
     ens = tmp_path / "ens"
     train(job, ens, "dataset.subset_fraction=0.5", "trainer.ensemble=3", "trainer.max_steps=3")

@@ -93,12 +93,16 @@ class Recorder:
             record.claim(record.checkpoints / name)
 
     def start(self, state: State) -> None:
-        if self.facts.subset_rows is not None:  # which rows this model saw, beside its record
+        self.write_subset()
+        self.metrics.rewrite(state.rows)
+        self.write_summary(state)
+
+    def write_subset(self) -> None:
+        """subset.npy, for a run on a subset: which rows of the full training split it saw."""
+        if self.facts.subset_rows is not None:
             rows = self.facts.subset_rows.cpu().numpy()
             write_atomic(self.record.claim(self.record.path / subset.RECORD_FILE),
                          lambda f: np.save(f, rows), fsync=False)
-        self.metrics.rewrite(state.rows)
-        self.write_summary(state)
 
     def on_step(self, state: State) -> None:
         self.bar.step(state.step)
@@ -174,6 +178,8 @@ def missing_derived(record: RunDir) -> list[str]:
     plots = {"plots/loss.png", "plots/accuracy.png"} | {
         e for e in record.owned() if e.startswith("plots/") and not e.endswith("/")}
     missing += sorted(p for p in plots if not (record.path / p).is_file())
+    if subset.RECORD_FILE in record.owned() and not (record.path / subset.RECORD_FILE).is_file():
+        missing.append(subset.RECORD_FILE)  # what memorization and LDS read of a subset model
     try:
         state = read_json(record.path / STATE_FILE)
         if any(isinstance(s, dict) and not s.get("finished") for s in state.values()):

@@ -266,6 +266,7 @@ def repair(cfg: RunConfig, record: RunDir, config: dict, setup: Setup, decision:
         sinks.start(record.path, config, resume=True)
     recorder = _recorder(cfg, parts, record, facts, PreemptionGuard(),
                          progress.NoProgress(None, 0), sinks)
+    recorder.write_subset()  # the same rows: drawn from the same seed as the run's
     return recorder.finish(state, log_x=cfg.trainer.eval_schedule == "log",
                            title=_title(cfg, parts))
 
