@@ -130,7 +130,8 @@ def key_profile(profile: Tensor, keys: list[int]) -> Tensor:
     constant): the key part of the logits is this at n = a + s b - c."""
     p = profile.shape[0]
     basis, freqs = fourier_basis(p)
-    keep = torch.tensor([f in set(keys) for f in freqs])
+    wanted = set(keys)
+    keep = torch.tensor([f in wanted for f in freqs])
     return basis[keep].T @ (basis[keep] @ profile)
 
 

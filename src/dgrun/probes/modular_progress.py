@@ -132,7 +132,10 @@ class LogitView:
 
     def measures(self, keys: Sequence[int], eval_sum, train_pairs: Tensor,
                  train_labels: Tensor) -> dict[str, float]:
-        """restricted_loss (all pairs) and excluded_loss (train pairs); see progress_measures."""
+        """restricted_loss over all pairs and excluded_loss over the training rows.
+
+        train_pairs: (N,) flat indices a * p + b of the training rows; eval_sum(logits, y) the
+        summed loss."""
         p, logits = self.p, self.logits
         # The key part K[n] as a function of n; on pair (a, b), class c it is K[(t - c) mod p],
         # t = (a + s b) mod p the pair's answer.
@@ -152,17 +155,6 @@ class LogitView:
         return {"restricted_loss": float(restricted),
                 "excluded_loss": float(eval_sum(excluded.float(), train_labels)) /
                 len(train_pairs)}
-
-
-def progress_measures(logits: Tensor, sign: int, keys: Sequence[int], eval_sum,
-                      train_pairs: Tensor, train_labels: Tensor,
-                      view: Optional[LogitView] = None) -> dict[str, float]:
-    """restricted_loss (all pairs) and excluded_loss (train pairs) of (p, p, p) logits.
-
-    train_pairs: (N,) flat indices a * p + b of the training rows; eval_sum(logits, y) the
-    summed loss; `view` the LogitView of these logits if one was made already."""
-    view = view if view is not None else LogitView(logits, sign)
-    return view.measures(keys, eval_sum, train_pairs, train_labels)
 
 
 def embedding_measures(model: nn.Module, p: int, vocab: int) -> dict:
